@@ -1,0 +1,1 @@
+"""Subcommands of `snapgen`; each module has register(subparsers)."""

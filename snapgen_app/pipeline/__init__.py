@@ -1,0 +1,1 @@
+"""snapgen_app/pipeline"""

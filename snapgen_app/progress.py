@@ -1,0 +1,108 @@
+"""Progress events and cancellation shared by generation, downloads, export and training.
+
+One message type, :class:`Event`, carries every progress / finish / error / cancel report (the
+krita-ai-diffusion pattern), so the command line, the Qt worker and a training subprocess speak the
+same language. Training subprocesses write events as JSON lines on stdout; :func:`encode_event` and
+:func:`decode_event` are the single encoding. Every progress report is also a cancel point: callers
+check :class:`CancelToken` where they emit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from snapgen_app.errors import Cancelled
+
+EventKind = Literal["started", "progress", "preview", "log", "finished", "error", "cancelled"]
+EVENT_KINDS: tuple[str, ...] = ("started", "progress", "preview", "log", "finished", "error", "cancelled")
+
+
+@dataclass(frozen=True)
+class Event:
+    """A report from long-running work.
+
+    ``stage`` names the work ("generate", "download", "pretrain", ...); ``step``/``total`` count
+    units of it; ``data`` carries stage-specific values (loss terms, bytes, preview path...).
+    """
+
+    kind: EventKind
+    stage: str
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    eta_s: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    @property
+    def fraction(self) -> float:
+        """Completed fraction in [0, 1]; 0 when the total is unknown."""
+        return min(1.0, self.step / self.total) if self.total > 0 else 0.0
+
+
+EventCallback = Callable[[Event], None]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def encode_event(event: Event) -> str:
+    """One JSON line (no trailing newline) for ``event``; non-finite floats become null."""
+    return json.dumps(_json_safe(asdict(event)), separators=(",", ":"))
+
+
+def decode_event(line: str) -> Event:
+    """Parse a line written by :func:`encode_event`; raises ValueError on anything else."""
+    raw = json.loads(line)
+    if not isinstance(raw, dict) or raw.get("kind") not in EVENT_KINDS:
+        raise ValueError(f"not a progress event: {line[:80]!r}")
+    known = {"kind", "stage", "step", "total", "message", "eta_s", "data", "time"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown event fields {sorted(unknown)}")
+    return Event(**raw)
+
+
+class CancelToken:
+    """Thread-safe cancel flag; ``raise_if_cancelled`` is called at every progress report."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+class EtaEstimator:
+    """Seconds remaining from the mean time per unit so far (simple, monotone enough for a bar)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._start = time.monotonic()
+
+    def eta(self, done: int) -> float | None:
+        if done <= 0 or self.total <= 0:
+            return None
+        elapsed = time.monotonic() - self._start
+        return elapsed / done * max(0, self.total - done)
