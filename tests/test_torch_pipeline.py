@@ -87,3 +87,12 @@ def test_incompatible_components_are_refused() -> None:
     projection = TextProjection.from_conditioner_config(TextConditionerConfig(context_dim=32, pooled_projection_dim=16))
     with pytest.raises(ConfigError, match="context_dim"):
         SnapGenPipeline.from_components(unet, vae, projection)
+
+
+def test_schedule_matches_the_runtime_grid(pipe: SnapGenPipeline) -> None:
+    from snapgen_app.pipeline.sampler import flow_sigmas
+
+    shifted = SnapGenPipeline.from_components(pipe.unet, pipe.vae, pipe.text_projection, shift=3.0)
+    seen: list[float] = []
+    shifted("x", height=32, width=32, num_inference_steps=4, callback=lambda s, n, t, x: seen.append(t))
+    assert np.allclose(seen, flow_sigmas(4, 3.0)[:-1], atol=1e-6)

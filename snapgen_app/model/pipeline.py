@@ -116,7 +116,7 @@ class SnapGenPipeline(DiffusionPipeline):
             prompt: one prompt or a list (batch).
             height, width: pixels, multiples of :attr:`stride`.
             num_inference_steps: Euler steps, 1-50.
-            guidance_scale: classifier-free guidance; 1 disables it (one UNet call per step).
+            guidance_scale: classifier-free guidance; <= 1 disables it (one UNet call per step).
             generator: seeds the initial noise (float32 standard normal).
             latents: the initial noise [B, C, h, w] instead of drawing it.
             callback: ``callback(step, total, t, latents)`` after each step (progress / cancel point).
@@ -129,7 +129,7 @@ class SnapGenPipeline(DiffusionPipeline):
         batch = len(prompts)
         tokens, pooled = self.text_conditioner.encode(prompts)
         tokens, pooled = tokens.to(device), pooled.to(device)
-        use_cfg = guidance_scale != 1.0
+        use_cfg = guidance_scale > 1.0
         if use_cfg:
             null_tokens, null_pooled = self.text_conditioner.unconditional(batch)
             tokens = torch.cat([null_tokens.to(device), tokens])
@@ -143,7 +143,10 @@ class SnapGenPipeline(DiffusionPipeline):
             raise UsageError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
         latents = latents.to(device)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # Uniform grid 1 -> 1/steps, then the scheduler's SD3 shift: the same grid as training and
+        # the ONNX runtime (diffusers' default grid differs and would break whole-image parity).
+        uniform = np.linspace(1.0, 0.0, num_inference_steps + 1, dtype=np.float64)[:-1]
+        self.scheduler.set_timesteps(sigmas=uniform.tolist(), device=device)
         timesteps = self.scheduler.timesteps
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents, latents]) if use_cfg else latents

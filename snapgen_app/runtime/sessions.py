@@ -1,0 +1,244 @@
+"""ONNX Runtime sessions: options, lazy creation, a cache, and clear errors for bad files.
+
+A session is created the first time it is needed and cached per (file, provider list, options), so
+a second generation with the same model pays no load time. A file that is missing or not an ONNX
+model raises :class:`BundleError` naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from snapgen_app.errors import BundleError, ConfigError
+
+log = logging.getLogger(__name__)
+
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+_OPT_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Session settings exposed to users and benchmarks.
+
+    ``intra_op_threads``/``inter_op_threads``: 0 lets onnxruntime decide (one per physical core).
+    ``cpu_mem_arena``: keep ORT's memory arena (faster repeated runs, higher peak memory).
+    ``mem_pattern``: pre-plan buffers for fixed shapes. ``allow_spinning``: worker threads busy-wait
+    between ops (lower latency, burns CPU when the machine is shared).
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: GraphOptimization = "all"
+    cpu_mem_arena: bool = True
+    mem_pattern: bool = True
+    allow_spinning: bool = True
+
+    def __post_init__(self) -> None:
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ConfigError("threads", "must be >= 0 (0 = onnxruntime default)")
+        if self.graph_optimization not in _OPT_LEVELS:
+            raise ConfigError("graph_optimization", f"{self.graph_optimization!r}", allowed=list(_OPT_LEVELS))
+
+    def to_session_options(self) -> ort.SessionOptions:
+        """A fresh ``onnxruntime.SessionOptions`` with these settings."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads
+        options.graph_optimization_level = _OPT_LEVELS[self.graph_optimization]
+        options.enable_cpu_mem_arena = self.cpu_mem_arena
+        options.enable_mem_pattern = self.mem_pattern
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Same seed -> same bytes: ask providers for deterministic kernels where they have a choice.
+        options.use_deterministic_compute = True
+        options.log_severity_level = 3  # errors only; our own log says what matters
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
+        )
+        return options
+
+
+class Session:
+    """A lazily created InferenceSession for one ONNX file.
+
+    ``run(feeds)`` takes a dict of numpy arrays and returns a dict of output name -> array.
+    """
+
+    def __init__(self, path: Path, providers: Sequence[str], options: RuntimeOptions) -> None:
+        self.path = path
+        self.providers = tuple(providers)
+        self.options = options
+        self._session: ort.InferenceSession | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def inference_session(self) -> ort.InferenceSession:
+        """The underlying session, created on first use (raises BundleError for a bad file)."""
+        with self._lock:
+            if self._session is None:
+                self._session = _create_session(self.path, self.providers, self.options)
+            return self._session
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(i.name for i in self.inference_session.get_inputs())
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.inference_session.get_outputs())
+
+    @property
+    def provider_used(self) -> str:
+        """The provider that runs this session's nodes first (after any silent fallback)."""
+        return self.inference_session.get_providers()[0]
+
+    def require_io(self, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+        """Raise BundleError when the graph lacks one of the expected input/output names."""
+        missing_in = [n for n in inputs if n not in self.input_names]
+        missing_out = [n for n in outputs if n not in self.output_names]
+        if missing_in or missing_out:
+            raise BundleError(
+                f"{self.path.name}: the ONNX graph lacks "
+                + ", ".join([f"input {n!r}" for n in missing_in] + [f"output {n!r}" for n in missing_out])
+                + f" (it has inputs {list(self.input_names)}, outputs {list(self.output_names)})",
+                hint="re-export the bundle with `snapgen export`",
+            )
+
+    def run(
+        self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the graph; returns the requested outputs (all by default) by name.
+
+        Feeds are cast to the graph's input dtypes (so an fp16-IO export takes our float32
+        arrays), checked against its fixed dimensions (BundleError naming file, input and sizes),
+        and split into chunks when the graph was exported with a fixed batch smaller than the
+        feeds' batch (outputs are concatenated along axis 0).
+        """
+        session = self.inference_session
+        names = list(outputs) if outputs is not None else list(self.output_names)
+        feeds = self._prepared(feeds)
+        chunk = self._fixed_batch()
+        batch = next(iter(feeds.values())).shape[0] if feeds else 0
+        if chunk is None or batch == chunk or batch % chunk:
+            return self._run_once(session, names, feeds)
+        parts = [
+            self._run_once(session, names, {k: v[i : i + chunk] for k, v in feeds.items()})
+            for i in range(0, batch, chunk)
+        ]
+        return {name: np.concatenate([part[name] for part in parts], axis=0) for name in names}
+
+    def _run_once(
+        self, session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        try:
+            values = session.run(names, feeds)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BundleError(f"{self.path.name}: onnxruntime failed to run it: {_first_line(exc)}") from exc
+        # our graphs only output dense tensors; asarray also narrows ORT's union return type
+        return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
+
+    def _fixed_batch(self) -> int | None:
+        """The batch size every input was exported with, when it is a fixed number."""
+        sizes = {i.shape[0] if i.shape else None for i in self.inference_session.get_inputs()}
+        size = sizes.pop() if len(sizes) == 1 else None
+        return size if isinstance(size, int) and size > 0 else None
+
+    def _prepared(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prepared = {}
+        for spec in self.inference_session.get_inputs():
+            if spec.name not in feeds:
+                continue
+            value = np.asarray(feeds[spec.name])
+            dtype = _NUMPY_TYPES.get(spec.type)
+            if dtype is not None and value.dtype != dtype:
+                value = value.astype(dtype)
+            for axis, (want, got) in enumerate(zip(spec.shape or [], value.shape, strict=False)):
+                if axis > 0 and isinstance(want, int) and want != got:
+                    raise BundleError(
+                        f"{self.path.name}: input {spec.name!r} was exported with fixed shape {spec.shape}, "
+                        f"got {list(value.shape)}",
+                        hint="use the size the model was exported for, or re-export it with dynamic axes",
+                    )
+            prepared[spec.name] = value
+        return prepared
+
+
+_NUMPY_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _create_session(path: Path, providers: Sequence[str], options: RuntimeOptions) -> ort.InferenceSession:
+    if not path.is_file():
+        raise BundleError(f"model file missing: {path}", hint="re-download or re-export the model")
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=options.to_session_options(), providers=list(providers)
+        )
+    except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile... all untyped pybind errors
+        raise BundleError(
+            f"{path.name} is not a loadable ONNX model: {_first_line(exc)}",
+            hint="the file is damaged or not an ONNX model; re-download or re-export the model",
+        ) from exc
+    used = session.get_providers()
+    if providers and used and used[0] != providers[0]:
+        log.warning("%s: %s could not be used, running on %s", path.name, providers[0], used[0])
+    return session
+
+
+class SessionCache:
+    """Sessions keyed by (file, size, mtime, providers, options); created lazily, reused across calls."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[object, ...], Session] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, providers: Sequence[str], options: RuntimeOptions) -> Session:
+        """The cached Session for ``path`` (not yet loaded if it was never run)."""
+        resolved = Path(path).resolve()
+        try:
+            stat = resolved.stat()
+            stamp: tuple[int, int] = (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            stamp = (-1, -1)  # missing: the Session raises a clear BundleError when used
+        key = (str(resolved), stamp, tuple(providers), options)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = Session(resolved, providers, options)
+                self._sessions[key] = session
+            return session
+
+    def clear(self) -> None:
+        """Drop every session (frees their memory once no pipeline holds them)."""
+        with self._lock:
+            self._sessions.clear()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
