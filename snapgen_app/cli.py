@@ -17,10 +17,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from model_store.errors import StoreError
 from snapgen_app import __version__
 from snapgen_app.errors import SnapGenError
 
-COMMAND_MODULES: tuple[str, ...] = ("generate", "models", "export", "train", "eval", "bench", "arch", "devices")
+COMMAND_MODULES: tuple[str, ...] = (
+    "generate",
+    "models",
+    "export",
+    "train",
+    "eval",
+    "bench",
+    "arch",
+    "devices",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"snapgen-studio {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
-    parser.add_argument("--selftest", action="store_true", help="generate with the built-in model and verify it")
+    parser.add_argument(
+        "--selftest", action="store_true", help="generate with the built-in model and verify it"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -56,7 +68,9 @@ def print_json(payload: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.selftest:
         from snapgen_app.commands.generate import selftest
 
@@ -70,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SnapGenError as exc:
         print(f"snapgen: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except StoreError as exc:  # the model store's own tree (it imports nothing of ours)
+        print(f"snapgen: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("snapgen: interrupted", file=sys.stderr)
         return 130

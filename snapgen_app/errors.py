@@ -34,7 +34,9 @@ class UsageError(SnapGenError):
 class ConfigError(UsageError):
     """A configuration field is unknown, missing or inconsistent; names the field."""
 
-    def __init__(self, field: str, message: str, *, allowed: object | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self, field: str, message: str, *, allowed: object | None = None, hint: str | None = None
+    ) -> None:
         text = f"{field}: {message}"
         if allowed is not None:
             text += f"; allowed: {allowed}"

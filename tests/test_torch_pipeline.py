@@ -55,8 +55,15 @@ def test_generates_an_image_and_reports_each_step(pipe: SnapGenPipeline) -> None
 
 def test_same_seed_same_pixels_and_guidance_changes_them(pipe: SnapGenPipeline) -> None:
     def run(seed: int, guidance: float) -> np.ndarray:
-        return pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=guidance,
-                    generator=torch.Generator().manual_seed(seed)).images
+        return pipe(
+            "a cat",
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed),
+        ).images
+
     first = run(3, 1.0)
     assert np.array_equal(first, run(3, 1.0))
     assert not np.array_equal(first, run(4, 1.0))
@@ -69,8 +76,12 @@ def test_save_and_load_round_trip_is_exact(pipe: SnapGenPipeline, tmp_path: Path
         assert (tmp_path / "ckpt" / component).is_dir()
     assert not list((tmp_path / "ckpt").rglob("*.bin"))
     loaded = load_pipeline(tmp_path / "ckpt")
-    a = pipe("a dog", height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(1)).images
-    b = loaded("a dog", height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(1)).images
+    a = pipe(
+        "a dog", height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(1)
+    ).images
+    b = loaded(
+        "a dog", height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(1)
+    ).images
     assert np.array_equal(a, b)
 
 
@@ -84,7 +95,9 @@ def test_bad_requests_name_the_field(pipe: SnapGenPipeline) -> None:
 def test_incompatible_components_are_refused() -> None:
     unet = SnapGenUNet.from_unet_config(unet_preset("tiny").replace(context_dim=48, pooled_dim=16))
     vae = SnapGenAutoencoder.from_autoencoder_config(autoencoder_preset("tiny"))
-    projection = TextProjection.from_conditioner_config(TextConditionerConfig(context_dim=32, pooled_projection_dim=16))
+    projection = TextProjection.from_conditioner_config(
+        TextConditionerConfig(context_dim=32, pooled_projection_dim=16)
+    )
     with pytest.raises(ConfigError, match="context_dim"):
         SnapGenPipeline.from_components(unet, vae, projection)
 

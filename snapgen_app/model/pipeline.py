@@ -62,7 +62,9 @@ class SnapGenPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, vae=vae, text_projection=text_projection, scheduler=scheduler)
         _check_compatible(unet, vae, text_projection)
         # Frozen encoders are loaded from their sources (not part of the saved pipeline).
-        self.text_conditioner = TextConditioner(text_projection.conditioner, encoders=text_encoders, projection=text_projection)
+        self.text_conditioner = TextConditioner(
+            text_projection.conditioner, encoders=text_encoders, projection=text_projection
+        )
         self.text_conditioner.eval()
 
     @classmethod
@@ -77,7 +79,13 @@ class SnapGenPipeline(DiffusionPipeline):
     ) -> SnapGenPipeline:
         """Assemble a pipeline with a flow-matching Euler scheduler using timestep ``shift``."""
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-        return cls(unet=unet, vae=vae, text_projection=text_projection, scheduler=scheduler, text_encoders=text_encoders)
+        return cls(
+            unet=unet,
+            vae=vae,
+            text_projection=text_projection,
+            scheduler=scheduler,
+            text_encoders=text_encoders,
+        )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -93,7 +101,11 @@ class SnapGenPipeline(DiffusionPipeline):
             raise UsageError("prompt must be a non-empty string or list of strings")
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % self.stride:
-                raise ConfigError(name, f"{value} px is not a positive multiple of the model's stride", allowed=f"multiples of {self.stride}")
+                raise ConfigError(
+                    name,
+                    f"{value} px is not a positive multiple of the model's stride",
+                    allowed=f"multiples of {self.stride}",
+                )
         if not 1 <= steps <= 50:
             raise ConfigError("num_inference_steps", f"{steps} is out of range", allowed="1-50")
 
@@ -136,7 +148,12 @@ class SnapGenPipeline(DiffusionPipeline):
             pooled = torch.cat([null_pooled.to(device), pooled])
         pooled_in = pooled if self.unet.unet_config.pooled_dim > 0 else None
 
-        shape = (batch, self.unet.unet_config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (
+            batch,
+            self.unet.unet_config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -177,11 +194,14 @@ def _check_compatible(unet: SnapGenUNet, vae: SnapGenAutoencoder, text_projectio
     conditioner = text_projection.conditioner
     if ucfg.context_dim != conditioner.context_dim:
         raise ConfigError(
-            "unet.context_dim", f"UNet expects {ucfg.context_dim}, text projection gives {conditioner.context_dim}"
+            "unet.context_dim",
+            f"UNet expects {ucfg.context_dim}, text projection gives {conditioner.context_dim}",
         )
     pooled_width = conditioner.pooled_dim
     if ucfg.pooled_dim not in (0, pooled_width):
-        raise ConfigError("unet.pooled_dim", f"UNet expects {ucfg.pooled_dim}, text projection gives {pooled_width}")
+        raise ConfigError(
+            "unet.pooled_dim", f"UNet expects {ucfg.pooled_dim}, text projection gives {pooled_width}"
+        )
 
 
 def load_pipeline(checkpoint_dir: str | Path, **kwargs: object) -> SnapGenPipeline:
