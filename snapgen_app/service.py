@@ -322,3 +322,39 @@ def _generate(
         ),
     )
     return result
+
+
+# --- Helpers the application needs beside generation ---------------------------------------------
+
+
+def read_png_request(path: str | Path) -> GenerationRequest:
+    """The request that reproduces the image at ``path`` (its own seed, one image, no output paths).
+
+    Reads our ``snapgen`` chunk, else an AUTOMATIC1111 ``parameters`` chunk; UsageError otherwise.
+    """
+    from snapgen_app.pipeline.png import read_png_metadata
+
+    return read_png_metadata(path)
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """Every text chunk of a PNG; UsageError when the file is not a readable PNG."""
+    from snapgen_app.pipeline.png import read_png_text as _read
+
+    return _read(path)
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """A device this machine's onnxruntime really offers: the request value and its provider."""
+
+    device: str
+    provider: str
+
+
+def available_devices() -> list[DeviceChoice]:
+    """Devices whose provider the installed onnxruntime has, best first; CPU is always last."""
+    from snapgen_app.runtime.providers import AUTO_ORDER, PROVIDER_BY_DEVICE, available_providers
+
+    present = set(available_providers())
+    return [DeviceChoice(d, PROVIDER_BY_DEVICE[d]) for d in AUTO_ORDER if PROVIDER_BY_DEVICE[d] in present]

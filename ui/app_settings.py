@@ -1,0 +1,110 @@
+"""Typed access to the application's QSettings (organisation "SnapGen", application "SnapGen Studio").
+
+The main window takes a QSettings instance so tests can point it at a temporary INI file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QSettings
+
+from model_store.paths import HOME_ENV, store_home
+
+ORGANIZATION = "SnapGen"
+APPLICATION = "SnapGen Studio"
+
+
+def default_settings() -> QSettings:
+    """The user's settings store (native format, per user)."""
+    return QSettings(ORGANIZATION, APPLICATION)
+
+
+class AppSettings:
+    """Named, typed values over a QSettings."""
+
+    def __init__(self, settings: QSettings) -> None:
+        self.qsettings = settings
+
+    # -- paths -------------------------------------------------------------------------------------
+
+    @property
+    def data_dir_override(self) -> str:
+        """The data folder chosen in Settings ("" = the default, or $SNAPGEN_HOME)."""
+        return str(self.qsettings.value("paths/data_dir", "") or "")
+
+    @data_dir_override.setter
+    def data_dir_override(self, value: str) -> None:
+        self.qsettings.setValue("paths/data_dir", value)
+
+    @property
+    def output_dir_override(self) -> str:
+        return str(self.qsettings.value("paths/output_dir", "") or "")
+
+    @output_dir_override.setter
+    def output_dir_override(self, value: str) -> None:
+        self.qsettings.setValue("paths/output_dir", value)
+
+    def output_dir(self) -> Path:
+        """Where generated images go (and what the gallery shows)."""
+        override = self.output_dir_override
+        return Path(override).expanduser() if override else store_home() / "outputs"
+
+    def apply_data_dir(self) -> None:
+        """Make the service and model store use the chosen data folder (they read $SNAPGEN_HOME)."""
+        if self.data_dir_override:
+            os.environ[HOME_ENV] = str(Path(self.data_dir_override).expanduser())
+
+    # -- runtime -----------------------------------------------------------------------------------
+
+    @property
+    def threads(self) -> int:
+        """ONNX Runtime intra-op threads; 0 = its default."""
+        try:
+            return max(0, int(self.qsettings.value("runtime/threads", 0)))
+        except (TypeError, ValueError):
+            return 0
+
+    @threads.setter
+    def threads(self, value: int) -> None:
+        self.qsettings.setValue("runtime/threads", int(value))
+
+    @property
+    def device(self) -> str:
+        return str(self.qsettings.value("runtime/device", "auto") or "auto")
+
+    @device.setter
+    def device(self, value: str) -> None:
+        self.qsettings.setValue("runtime/device", value)
+
+    # -- prompt history and window -----------------------------------------------------------------
+
+    def prompt_history(self) -> list[str]:
+        value = self.qsettings.value("generate/history", [])
+        if isinstance(value, str):  # QSettings returns a lone string for one-element lists
+            return [value]
+        return [str(v) for v in value or []]
+
+    def set_prompt_history(self, prompts: list[str]) -> None:
+        self.qsettings.setValue("generate/history", list(prompts))
+
+    def window_geometry(self) -> QByteArray | None:
+        value = self.qsettings.value("window/geometry")
+        return value if isinstance(value, QByteArray) else None
+
+    def window_state(self) -> QByteArray | None:
+        value = self.qsettings.value("window/state")
+        return value if isinstance(value, QByteArray) else None
+
+    def save_window(self, geometry: QByteArray, state: QByteArray, page: int) -> None:
+        self.qsettings.setValue("window/geometry", geometry)
+        self.qsettings.setValue("window/state", state)
+        self.qsettings.setValue("window/page", page)
+        self.qsettings.sync()
+
+    def last_page(self) -> int:
+        try:
+            return int(self.qsettings.value("window/page", 0))
+        except (TypeError, ValueError):
+            return 0
