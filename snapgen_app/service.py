@@ -23,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +39,11 @@ from snapgen_app.pipeline.text_to_image import TextToImagePipeline
 from snapgen_app.progress import CancelToken, EtaEstimator, Event, EventCallback
 from snapgen_app.runtime.providers import CPU, choose_providers
 from snapgen_app.runtime.sessions import RuntimeOptions, SessionCache
+
+if TYPE_CHECKING:
+    from snapgen_app.devices.report import ProfileResult
+    from snapgen_app.devices.service import ProfileRequest
+    from snapgen_app.devices.transport import DeviceInfo
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +190,7 @@ def _seeds(request: GenerationRequest) -> list[int]:
     return [base + i for i in range(request.num_images)]
 
 
-def _output_paths(request: GenerationRequest, seeds: list[int]) -> list[Path]:
+def output_paths_for(request: GenerationRequest, seeds: list[int]) -> list[Path]:
     if request.output_paths:
         return [Path(p).expanduser() for p in request.output_paths]
     folder = Path(request.output_dir).expanduser() if request.output_dir else store_home() / "outputs"
@@ -251,7 +257,7 @@ def _generate(
     pipeline.check_size(width, height)
     seeds = _seeds(request)
     resolved = resolved.replace(seed=seeds[0])
-    paths = _output_paths(request, seeds)
+    paths = output_paths_for(request, seeds)
     provider = pipeline.provider_used
     _emit(
         on_event,
@@ -358,3 +364,30 @@ def available_devices() -> list[DeviceChoice]:
 
     present = set(available_providers())
     return [DeviceChoice(d, PROVIDER_BY_DEVICE[d]) for d in AUTO_ORDER if PROVIDER_BY_DEVICE[d] in present]
+
+
+# --- Remote devices (the device page and `snapgen devices` reach them through here) --------------
+# Imported on first use: the SSH transport's library loads only when a device is used.
+
+
+def list_remote_devices() -> list[DeviceInfo]:
+    """Attached adb devices (any state) and saved SSH targets; see ``snapgen_app.devices.service``."""
+    from snapgen_app.devices import service as devices
+
+    return devices.list_devices()
+
+
+def profile_on_device(
+    request: ProfileRequest, on_event: EventCallback | None = None, cancel: CancelToken | None = None
+) -> ProfileResult:
+    """Profile a model on a remote device (``devices.service.ProfileRequest`` -> ``ProfileResult``)."""
+    from snapgen_app.devices import service as devices
+
+    return devices.profile(request, on_event, cancel)
+
+
+def profile_request(**fields: Any) -> ProfileRequest:
+    """Build a validated ``ProfileRequest`` without importing the devices package in the caller."""
+    from snapgen_app.devices.service import ProfileRequest
+
+    return ProfileRequest(**fields)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from snapgen_app.api import DEVICES, MAX_STEPS, MIN_STEPS, PRECISIONS, GenerationRequest
+from snapgen_app.commands.devices import device_choice, run_generate_on_device
+from snapgen_app.devices.transport import is_remote_target
 from snapgen_app.errors import SnapGenError, UsageError
 from snapgen_app.progress import Event
 
@@ -67,7 +69,11 @@ def register(subparsers: Any) -> None:
         "--num-images", type=int, default=1, metavar="N", help="images to generate in one batch (default 1)"
     )
     parser.add_argument(
-        "--device", choices=DEVICES, default="auto", help="execution provider (default: auto, best available)"
+        "--device",
+        type=device_choice,
+        default="auto",
+        metavar="{" + ",".join(DEVICES) + ",adb:SERIAL,ssh:USER@HOST}",
+        help="execution provider (default: auto, best available), or a device to run on (see `snapgen devices`)",
     )
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="auto", help="model variant (default: auto; int8 on CPU)"
@@ -138,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``snapgen generate``."""
     from snapgen_app import service  # imported here so `snapgen --help` stays light
 
+    if is_remote_target(args.device):  # the whole loop runs on a phone/board: snapgen_app.devices
+        return run_generate_on_device(args, request_from_args(argparse.Namespace(**{**vars(args), "device": "auto"})))
     request = request_from_args(args)
     result = service.generate(request, on_event=_progress_printer(sys.stderr))
     if args.json:
