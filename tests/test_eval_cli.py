@@ -1,0 +1,83 @@
+"""`snapgen eval` end to end: torch-free generation here, prompt set and scoring in subprocesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("emoji")
+
+from test_runtime_fixtures import build_bundle
+
+from snapgen_app.cli import main
+from training_tools.emoji_world.classifier import (
+    ClassifierConfig,
+    TrainSettings,
+    save_classifier,
+    train_classifier,
+)
+from training_tools.emoji_world.curation import curate
+from training_tools.emoji_world.render import font_path
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        font_path()
+    except Exception as exc:  # the Debian font package is missing
+        pytest.skip(f"Noto Color Emoji not installed: {exc}")
+    classes = curate(8, seed=5)
+    settings = TrainSettings(
+        crops_per_class=24, heldout_per_class=4, epochs=4, batch_size=64, lr=1e-2, threads=1, bf16=False
+    )
+    model, metrics = train_classifier(
+        classes, settings, ClassifierConfig(num_classes=8, input_size=32, widths=(16, 32, 48, 64))
+    )
+    out = tmp_path_factory.mktemp("classifier")
+    save_classifier(out, model, classes, metrics)
+    return out
+
+
+def test_eval_scores_a_random_model_low_and_keeps_images(
+    classifier_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = build_bundle(tmp_path / "bundle")
+    kept = tmp_path / "images"
+    code = main(
+        [
+            "eval",
+            str(bundle),
+            "--classifier",
+            str(classifier_dir),
+            "--per-category",
+            "2",
+            "--keep-images",
+            str(kept),
+            "--json",
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["per_category"]) == {
+        "single_object",
+        "two_object",
+        "counting",
+        "background",
+        "position",
+    }
+    assert report["num_images"] == 10
+    # A random tiny network draws no emoji: every object category must fail.
+    assert report["per_category"]["single_object"] == 0.0
+    assert report["overall"] < 0.5
+    assert len(list(kept.glob("0*.png"))) == 10
+
+
+def test_eval_without_a_classifier_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = build_bundle(tmp_path / "bundle")
+    assert main(["eval", str(bundle)]) == 2
+    assert "no EmojiEval classifier" in capsys.readouterr().err
