@@ -70,6 +70,88 @@ def generate_samples(model: str, outputs: Path) -> None:
         service.generate(request)
 
 
+def prepare_finetune_run(work: Path, model_images: Path) -> bool:
+    """A real tiny fine-tuning run for the wizard's training step (needs the train extra): a tiny
+    base checkpoint (tests/test_export.py) built in a subprocess, so this GUI process stays
+    torch-free, then ``service.finetune.start`` on a few generated pictures. False when torch is
+    missing (the wizard then shows its first step)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    from PIL import Image
+
+    from snapgen_app import service
+
+    code = (
+        "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
+        "from test_export import tiny_checkpoint; from pathlib import Path; tiny_checkpoint(Path(sys.argv[2]))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "tests"), str(work / "base")], check=True)
+    pictures = work / "my-pictures"
+    pictures.mkdir()
+    for index, path in enumerate(sorted(model_images.glob("*.png"))[:6]):
+        Image.open(path).convert("RGB").resize((32, 32)).save(pictures / f"picture_{index}.png")
+    request = service.finetune.FineTuneRequest(
+        images_dir=str(pictures),
+        base_model=str(work / "base" / "checkpoint"),
+        name="my-style",
+        steps=60,
+        lora_rank=4,
+        resolution=32,
+        batch_size=2,
+        learning_rate=2e-3,
+        sample_prompts=("a red apple on a blue background",),
+        sample_seeds=(0, 1),
+        sample_every=15,
+        sample_steps=4,
+        cpu_threads=1,
+    )
+    handle = service.finetune.start(request)
+    print(f"fine-tuning run: {handle.wait(600)}")
+    return True
+
+
+def start_local_sshd(folder: Path) -> tuple[str, Path, object] | None:
+    """An OpenSSH sshd on 127.0.0.1 with keys made in ``folder`` (as tests/test_devices_ssh.py
+    does), so the device page can show a real profile of this machine; None without sshd."""
+    import getpass
+    import socket
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_devices_ssh import SSHD, _free_port, _keygen
+
+    if not Path(SSHD).is_file() or shutil.which("ssh-keygen") is None:
+        return None
+    folder.mkdir(parents=True)
+    _keygen(folder / "host_key")
+    _keygen(folder / "user_key")
+    (folder / "authorized_keys").write_text((folder / "user_key.pub").read_text())
+    port = _free_port()
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nPidFile {folder / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPermitRootLogin yes\n"
+        "PasswordAuthentication no\nPubkeyAuthentication yes\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    process = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                if sock.recv(4).startswith(b"SSH-"):
+                    return f"ssh:{getpass.getuser()}@127.0.0.1:{port}", folder / "user_key", process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    return None
+
+
 def wait(app, condition, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -96,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = prepare_home(home)
     generate_samples(model, home / "outputs")
+    prepare_finetune_run(work, home / "outputs")
+    from snapgen_app import service
+
+    service.add_device_target("ssh:pi@raspberrypi.local")  # a saved board for the device list
     app = create_application([sys.argv[0]])
     window = build_main_window(QSettings(str(work / "ui.ini"), QSettings.Format.IniFormat))
     width, height = (int(v) for v in args.size.split("x"))
@@ -135,14 +221,74 @@ def main(argv: list[str] | None = None) -> int:
     window.banner.dismiss()
     shot("models")
 
-    for index, name in ((WIZARD, "wizard"), (DEVICES, "devices"), (SETTINGS, "settings")):
-        window.show_page(index)
-        shot(name)
+    window.show_page(WIZARD)
+    train = window.wizard_page.train_step
+    if window.wizard_page.state.handle is not None:
+        wait(app, lambda: train.last_state in ("finished", "failed"))
+    window.banner.dismiss()
+    shot("wizard")
+    if train.last_state == "finished":  # side by side with the base model (fast export settings)
+        wizard_page = window.wizard_page
+        fast = wizard_page.export_settings.__class__
+        wizard_page.export_settings = fast(calib_prompts=1, calib_steps=2, exporter="torchscript")
+        wizard_page.base_export_settings = fast(
+            precisions=("fp32",), calib_prompts=1, calib_steps=2, exporter="torchscript"
+        )
+        wizard_page.wizard.next()
+        compare = wizard_page.compare_step
+        wait(app, lambda: compare.done or "failed" in compare.status.text(), 600)
+        window.banner.dismiss()
+        shot("wizard-compare")
+
+    window.show_page(DEVICES)
+    devices = window.devices_page
+    wait(app, lambda: devices.device_table.rowCount() > 0)
+    sshd = start_local_sshd(work / "sshd")
+    if sshd is not None:  # profile this machine over SSH twice (int8, fp32) and compare
+        target, key, process = sshd
+        devices.target_edit.setText(target)
+        devices.key_edit.setText(str(key))
+        devices.python_edit.setText(sys.executable)
+        devices.remote_dir_edit.setText(str(work / "device"))
+        devices.add_target()
+        wait(app, lambda: devices.select_target(target))
+        devices.runs_spin.setValue(5)
+        for precision in ("fp32", "int8"):
+            devices.precision_combo.setCurrentText(precision)
+            count = len(devices.results)
+            devices.profile_clicked()
+            wait(
+                app,
+                lambda count=count: len(devices.results) > count or devices.profile_button.isEnabled(),
+                300,
+            )
+            wait(app, lambda: devices.profile_button.isEnabled(), 300)
+        if len(devices.results) == 2:
+            devices.compare_selected()
+            shot("devices-compare")
+        devices.tabs.setCurrentIndex(0)
+        process.terminate()
+    window.banner.dismiss()
+    shot("devices")
+
+    window.show_page(SETTINGS)
+    shot("settings")
 
     about = window.show_about()
     shot("about", about)
     about.close()
     window.close()
+    app.processEvents()
+    # Free the windows and the cached ONNX Runtime sessions before the interpreter finalizes:
+    # leaving them to finalization has crashed PySide6 at exit (none_dealloc) after the comparison.
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    about.deleteLater()
+    window.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    from snapgen_app import service
+
+    service.clear_cache()
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

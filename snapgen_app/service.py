@@ -391,3 +391,30 @@ def profile_request(**fields: Any) -> ProfileRequest:
     from snapgen_app.devices.service import ProfileRequest
 
     return ProfileRequest(**fields)
+
+
+# --- Fine-tuning (the wizard) and device-page helpers ---------------------------------------------
+# snapgen_app.finetune is torch-free: it runs `python -m training_tools` and `snapgen export` as
+# subprocesses. The UI reaches it as ``service.finetune`` (FineTuneRequest, start, attach, finish, ...).
+from snapgen_app import finetune as finetune  # noqa: E402  (re-export)
+
+
+def add_device_target(target: str, **options: Any) -> str:
+    """Save an SSH/adb target with its ``devices.service.ConnectOptions`` fields; canonical text."""
+    from snapgen_app.devices import service as devices
+
+    return devices.add_target(target, devices.ConnectOptions(**options))
+
+
+def compare_profiles(a: ProfileResult, b: ProfileResult) -> list[Any]:
+    """Rows (name, a_s, b_s, ratio) comparing two profiles; see ``devices.report.compare_profiles``."""
+    from snapgen_app.devices.report import compare_profiles as _compare
+
+    return _compare(a, b)
+
+
+def load_device_profile(path: str | Path) -> ProfileResult:
+    """A profile saved by ``profile_on_device`` (``$SNAPGEN_HOME/profiles/*.json``)."""
+    from snapgen_app.devices.report import load_profile
+
+    return load_profile(path)

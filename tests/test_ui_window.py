@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 from PySide6.QtCore import QSettings
-from PySide6.QtWidgets import QLabel
 from pytestqt.qtbot import QtBot
 from ui_support import make_window
 
@@ -55,14 +54,16 @@ def test_about_lists_versions_and_licences(qtbot: QtBot, ui_home: Path) -> None:
         assert needle in text, needle
 
 
-def test_coming_pages_say_what_is_missing(qtbot: QtBot, ui_home: Path) -> None:
+def test_wizard_and_devices_pages_are_live(qtbot: QtBot, ui_home: Path) -> None:
+    from ui.pages.devices import DevicesPage
+    from ui.pages.wizard import FOLDER, WizardPage
+
     window = make_window(qtbot, ui_home)
     window.show_page(WIZARD)
     assert window.stack.currentWidget() is window.wizard_page
-    for page in (window.wizard_page, window.devices_page):
-        assert "Not available in this build" in page.findChild(QLabel).text()
+    assert isinstance(window.wizard_page, WizardPage) and window.wizard_page.wizard.currentId() == FOLDER
     window.show_page(DEVICES)
-    assert window.current_page() == DEVICES
+    assert window.current_page() == DEVICES and isinstance(window.devices_page, DevicesPage)
 
 
 def test_settings_save_output_folder_threads_device(qtbot: QtBot, ui_home: Path, tmp_path: Path) -> None:

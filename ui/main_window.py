@@ -25,11 +25,12 @@ from ui.about import AboutDialog
 from ui.app_settings import AppSettings, default_settings
 from ui.controller import Controller
 from ui.extras import read_png_request
-from ui.pages.coming import DEVICES_TEXT, WIZARD_TEXT, ComingPage
+from ui.pages.devices import DevicesPage
 from ui.pages.gallery import GalleryPage
 from ui.pages.generate import GeneratePage
 from ui.pages.models import ModelsPage
 from ui.pages.settings import SettingsPage
+from ui.pages.wizard import WizardPage
 from ui.widgets.banner import MessageBanner
 
 PAGES = ("Generate", "Gallery", "Models", "Personal style", "Devices", "Settings")
@@ -58,8 +59,8 @@ class MainWindow(QMainWindow):
         self.generate_page = GeneratePage(self.controller, self.settings, self.notify)
         self.gallery_page = GalleryPage(self.settings.output_dir, self.notify)
         self.models_page = ModelsPage(self.controller, self._registry, self.notify)
-        self.wizard_page = ComingPage(WIZARD_TEXT)
-        self.devices_page = ComingPage(DEVICES_TEXT)
+        self.wizard_page = WizardPage(self.controller, self._registry, self.settings, self.notify)
+        self.devices_page = DevicesPage(self.controller, self._registry, self.notify)
         self.settings_page = SettingsPage(self.settings, self.notify)
 
         self.nav = QListWidget()
@@ -76,6 +77,7 @@ class MainWindow(QMainWindow):
         ):
             self.stack.addWidget(page)
         self.nav.currentRowChanged.connect(self.stack.setCurrentIndex)
+        self.stack.currentChanged.connect(self._on_page_shown)
 
         body = QWidget()
         row = QVBoxLayout(body)
@@ -92,6 +94,7 @@ class MainWindow(QMainWindow):
         self.generate_page.imagesGenerated.connect(self.gallery_page.add_images)
         self.gallery_page.reuseRequested.connect(self.reuse_settings)
         self.models_page.modelsChanged.connect(self.refresh_models)
+        self.wizard_page.modelsChanged.connect(self.refresh_models)
         self.settings_page.saved.connect(self._on_settings_saved)
         self._build_menus()
         self.refresh_models()
@@ -153,6 +156,14 @@ class MainWindow(QMainWindow):
     def refresh_models(self) -> None:
         models = self.models_page.refresh()
         self.generate_page.set_models(models)
+        self.devices_page.set_models(models)
+
+    def _on_page_shown(self, index: int) -> None:
+        # the device list asks adb (slow): only when the page is first shown
+        if index == DEVICES and not self.devices_page.devices and not self.devices_page.listing:
+            self.devices_page.refresh()
+        if index == WIZARD:
+            self.wizard_page.on_shown()  # a run started elsewhere (or before a restart) shows up
 
     def _on_settings_saved(self) -> None:
         self.refresh_models()
@@ -208,6 +219,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.settings.save_window(self.saveGeometry(), self.saveState(), self.current_page())
+        self.wizard_page.shutdown()  # stops watching; the training subprocess keeps running
         self.controller.shutdown()
         super().closeEvent(event)
 

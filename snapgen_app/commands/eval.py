@@ -9,7 +9,6 @@ imports torch or ``training_tools`` itself (DESIGN.md).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 from snapgen_app import service
 from snapgen_app.api import PRECISIONS, GenerationRequest
 from snapgen_app.errors import SnapGenError, UsageError
+from snapgen_app.finetune import training_python
 
 EVAL_MODULE = "training_tools.emoji_world.eval"
 #: Where a model ships its EmojiEval classifier, relative to its folder.
@@ -58,16 +58,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _training_python() -> str:
-    """The interpreter that runs the scorer: this one, when it has torch installed."""
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("training_tools") is None:
-        raise SnapGenError(
-            "snapgen eval needs the training environment (torch) for its classifier",
-            hint='install it with: pip install "snapgen-studio[train]"',
-        )
-    return sys.executable
-
-
 def _run_eval_module(python: str, args: list[str]) -> str:
     proc = subprocess.run([python, "-m", EVAL_MODULE, *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -84,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             f"no EmojiEval classifier at {classifier}",
             hint="pass --classifier DIR (train one: python -m training_tools.emoji_world.classifier train --out DIR)",
         )
-    python = _training_python()
+    python = training_python()
     with tempfile.TemporaryDirectory(prefix="snapgen-eval-") as tmp:
         images = Path(args.keep_images) if args.keep_images else Path(tmp) / "images"
         images.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from snapgen_app.errors import UsageError
+from snapgen_app.finetune import training_python
 from snapgen_app.progress import Event, decode_event
 
 STAGES = ("pretrain", "distill", "step-distill", "finetune")
@@ -52,8 +53,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--python",
         metavar="PATH",
-        default=os.environ.get("SNAPGEN_TRAIN_PYTHON", sys.executable),
-        help="Python of the training environment (default: $SNAPGEN_TRAIN_PYTHON or this Python)",
+        default=None,
+        help="Python of the training environment (default: $SNAPGEN_TRAIN_PYTHON, else this Python "
+        "when it has torch)",
     )
     parser.add_argument(
         "--launcher",
@@ -69,7 +71,7 @@ def register(subparsers: Any) -> None:
 
 def trainer_command(args: argparse.Namespace) -> list[str]:
     """The child command line: [launcher or python] -m training_tools STAGE CONFIG [flags]."""
-    prefix = shlex.split(args.launcher) if args.launcher else [args.python]
+    prefix = shlex.split(args.launcher) if args.launcher else [args.python or training_python()]
     command = [*prefix, "-m", "training_tools", args.stage, str(Path(args.config).resolve())]
     if args.dry_run:
         command.append("--dry-run")

@@ -19,10 +19,12 @@ Every function returns which nodes stayed in higher precision so the manifest ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -244,6 +246,18 @@ def save_model(model: onnx.ModelProto, path: Path, *, external: bool | None = No
         onnx.save_model(model, str(path))
 
 
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    """Run inside ``path``: ORT's quantization tools write scratch files (sym_shape_infer_temp.onnx,
+    <uuid>.data) into the current directory, which must not be the user's."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _preprocess(src: Path, dst: Path, large: bool) -> bool:
     """ORT's recommended pre-pass (shape inference + graph optimization); False when it fails."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -279,8 +293,12 @@ def quantize_static_int8(
 
     if not calibration_feeds:
         raise ExportError("int8 calibration needs at least one recorded trajectory step; got none")
+    fp32_path, out_path = fp32_path.resolve(), out_path.resolve()
     large = model_size_bytes(fp32_path) > EXTERNAL_DATA_THRESHOLD_BYTES
-    with tempfile.TemporaryDirectory(prefix="snapgen-quant-", dir=out_path.parent) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="snapgen-quant-", dir=out_path.parent) as tmp,
+        _working_directory(Path(tmp)),
+    ):
         source = fp32_path
         preprocessed = False
         if preprocess:

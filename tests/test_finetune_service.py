@@ -1,0 +1,136 @@
+"""The torch-free fine-tuning service (snapgen_app.finetune): folder checks and caption proposals,
+caption files, request validation, the training interpreter, and tailing a run's events.jsonl
+(complete lines only, from the start on reattach). The whole run is tested in test_ui_wizard.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from snapgen_app import service
+from snapgen_app.errors import ConfigError, TrainingError, UsageError
+from snapgen_app.progress import Event, encode_event
+
+ft = service.finetune
+
+
+def _folder(root: Path) -> Path:
+    root.mkdir()
+    Image.new("RGB", (40, 24), (200, 10, 10)).save(root / "red_apple-01.png")
+    (root / "red_apple-01.txt").write_text("a red apple\n")
+    Image.new("RGB", (16, 16), (10, 10, 200)).save(root / "blue_sky.jpg")
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "notes.md").write_text("ignored")
+    return root
+
+
+def test_folder_report_proposes_captions_and_skips_unreadable(tmp_path: Path) -> None:
+    report = ft.check_images_folder(_folder(tmp_path / "pics"))
+    assert [(e.name, e.caption, e.caption_source) for e in report.images] == [
+        ("blue_sky.jpg", "blue sky", "filename"),
+        ("red_apple-01.png", "a red apple", "txt"),
+    ]
+    assert (report.images[1].width, report.images[1].height) == (40, 24)
+    assert [name for name, _ in report.unreadable] == ["broken.png"]
+    assert report.missing_captions == {"blue_sky.jpg": "blue sky"}
+    assert (
+        report.summary()
+        == "2 images, 1 without a caption (proposed from the file name), 1 unreadable (skipped)"
+    )
+
+    (tmp_path / "pics" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "blue_sky.jpg", "text": "sky"})
+    )
+    assert ft.check_images_folder(tmp_path / "pics").captions()["blue_sky.jpg"] == "sky"
+
+
+def test_folders_without_images_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    with pytest.raises(UsageError, match="has no images"):
+        ft.check_images_folder(tmp_path / "empty")
+    with pytest.raises(UsageError, match="is not a folder"):
+        ft.check_images_folder(tmp_path / "missing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"nope")
+    with pytest.raises(UsageError, match="can be read"):
+        ft.check_images_folder(tmp_path / "bad")
+
+
+def test_write_captions(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "pics")
+    written = ft.write_captions(folder, {"blue_sky.jpg": "  a clear blue sky "})
+    assert written == [folder / "blue_sky.txt"] and written[0].read_text() == "a clear blue sky\n"
+    assert ft.check_images_folder(folder).missing_captions == {}
+    with pytest.raises(ConfigError, match="empty"):
+        ft.write_captions(folder, {"blue_sky.jpg": " "})
+
+
+def test_request_validation_and_round_trip() -> None:
+    request = ft.FineTuneRequest(
+        images_dir="/x", base_model="base", name="my-style", sample_prompts=("a", "b")
+    )
+    assert ft.FineTuneRequest.from_dict(request.to_dict()) == request
+    assert ft.comparison_settings(request) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    with pytest.raises(ConfigError, match="name"):
+        ft.FineTuneRequest(images_dir="/x", base_model="base", name="My Style")
+    with pytest.raises(ConfigError, match="resolution"):
+        ft.FineTuneRequest(images_dir="/x", base_model="base", name="s", resolution=100)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        ft.FineTuneRequest.from_dict({**request.to_dict(), "epochs": 3})
+
+
+def test_training_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ft.TRAINING_PYTHON_ENV, raising=False)
+    assert ft.training_python() == sys.executable  # this venv has the train extra
+    with pytest.raises(TrainingError, match="does not exist"):
+        ft.training_python(str(tmp_path / "nope" / "python"))
+    monkeypatch.setenv(ft.TRAINING_PYTHON_ENV, sys.executable)
+    assert ft.training_python() == sys.executable
+
+
+def test_checkpoint_layout_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a training checkpoint"):
+        ft.inspect_checkpoint(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="lacks autoencoder, text"):
+        ft.inspect_checkpoint(tmp_path)
+    with pytest.raises(UsageError, match="neither a registered model"):
+        ft.resolve_base("no-such-model")
+
+
+def test_run_handle_tails_events_and_reattaches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
+    run = ft.run_dir_for("tail-test")
+    run.mkdir(parents=True)
+    request = ft.FineTuneRequest(images_dir="/x", base_model="b", name="tail-test", steps=3)
+    (run / "request.json").write_text(json.dumps(request.to_dict()))
+    lines = [
+        encode_event(Event(kind="started", stage="finetune", total=3)),
+        encode_event(Event(kind="progress", stage="finetune", step=1, total=3, data={"loss": {"task": 0.5}})),
+        "a stray line that is not an event",
+    ]
+    second = encode_event(
+        Event(kind="progress", stage="finetune", step=2, total=3, data={"loss": {"task": 0.4}})
+    )
+    (run / "events.jsonl").write_text("\n".join(lines) + "\n" + second[:20])  # the last line is unfinished
+    handle = ft.attach(run)
+    assert [e.kind for e in handle.history] == ["started", "progress"]
+    with open(run / "events.jsonl", "a") as out:
+        out.write(second[20:] + "\n")
+        out.write(encode_event(Event(kind="cancelled", stage="finetune", message="stopped")) + "\n")
+    assert [e.step for e in handle.poll()] == [2, 0]
+    assert handle.losses() == [(1, {"task": 0.5}), (2, {"task": 0.4})]
+    assert not handle.alive() and handle.state() == "paused"  # stopped by SIGTERM, resumable
+    (run / "cancelled").write_text("")
+    assert handle.state() == "cancelled"
+    assert [h.name for h in ft.list_runs()] == ["tail-test"]
+    assert ft.attach(run).history[-1].kind == "cancelled", "a new handle reads from the start"
+    with pytest.raises(TrainingError, match="not a fine-tuning run"):
+        ft.attach(tmp_path)
