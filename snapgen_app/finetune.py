@@ -191,7 +191,11 @@ class FolderReport:
         return text
 
 
-def _read_metadata(folder: Path) -> dict[str, str]:
+def read_metadata_captions(folder: Path) -> dict[str, str]:
+    """Captions from ``folder/metadata.jsonl`` (diffusers image-folder convention): file_name -> text.
+
+    Shared with the trainer's data loader; UsageError names the first malformed line.
+    """
     captions: dict[str, str] = {}
     path = folder / METADATA_FILE
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -223,7 +227,7 @@ def check_images_folder(folder: str | Path) -> FolderReport:
             f"{root} has no images ({len(files)} other files)",
             hint=f"put your pictures there as {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS[:4])}",
         )
-    metadata = _read_metadata(root) if (root / METADATA_FILE).is_file() else None
+    metadata = read_metadata_captions(root) if (root / METADATA_FILE).is_file() else None
     images: list[ImageEntry] = []
     unreadable: list[tuple[str, str]] = []
     for path in candidates:

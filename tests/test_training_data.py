@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from test_training_helpers import make_shapes_dataset
 
-from snapgen_app.errors import TrainingError
+from snapgen_app.errors import TrainingError, UsageError
 from snapgen_app.model.autoencoder import SnapGenAutoencoder, autoencoder_preset
 from training_tools import data
 
@@ -60,7 +60,7 @@ def test_metadata_jsonl_wins_and_bad_lines_are_named(tmp_path: Path) -> None:
     item = next(i for i in report.items if i.path.endswith("blue_square_0.png"))
     assert (item.caption, item.caption_source) == ("azure box", "metadata")
     (tmp_path / "metadata.jsonl").write_text("{not json\n")
-    with pytest.raises(TrainingError, match="line 1"):
+    with pytest.raises(UsageError, match="line 1"):
         data.scan_folder(tmp_path)
 
 

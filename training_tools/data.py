@@ -29,9 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
 from snapgen_app.errors import TrainingError
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-METADATA_FILE = "metadata.jsonl"
+from snapgen_app.finetune import IMAGE_EXTENSIONS, METADATA_FILE, read_metadata_captions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,22 +66,6 @@ def caption_from_filename(path: Path) -> str:
     return " ".join(path.stem.replace("_", " ").replace("-", " ").split())
 
 
-def _read_metadata(folder: Path) -> dict[str, str]:
-    captions: dict[str, str] = {}
-    for lineno, line in enumerate((folder / METADATA_FILE).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            captions[str(row["file_name"])] = str(row.get("text", row.get("caption", "")))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise TrainingError(
-                f"{folder / METADATA_FILE} line {lineno} is not a JSON object with file_name and text",
-                hint='each line must look like {"file_name": "cat.png", "text": "a cat"}',
-            ) from None
-    return captions
-
-
 def scan_folder(folder: str | Path, caption_extension: str = ".txt") -> ScanReport:
     """List the images of ``folder`` (recursively) with their captions. Raises on an unusable folder."""
     root = Path(folder)
@@ -94,7 +76,7 @@ def scan_folder(folder: str | Path, caption_extension: str = ".txt") -> ScanRepo
         raise TrainingError(
             f"data folder {root} is empty", hint="put images (png, jpg, webp) with .txt captions there"
         )
-    metadata = _read_metadata(root) if (root / METADATA_FILE).exists() else None
+    metadata = read_metadata_captions(root) if (root / METADATA_FILE).exists() else None
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
         raise TrainingError(
