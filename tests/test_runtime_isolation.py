@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from test_runtime_fixtures import build_bundle
 
+from model_store.registry import ModelSource, Registry
+
 SCRIPT = textwrap.dedent(
     """
     import json, socket, sys
@@ -52,11 +54,20 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.timeout(120)
-def test_generation_loads_no_torch_and_opens_no_socket(tmp_path: Path) -> None:
+@pytest.mark.parametrize("by", ["installed name", "bundle path"])
+def test_generation_loads_no_torch_and_opens_no_socket(tmp_path: Path, by: str) -> None:
     bundle = build_bundle(tmp_path / "bundle")
-    env = {"SNAPGEN_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "0", "PATH": "/usr/bin:/bin"}
+    home = tmp_path / "home"
+    model = str(bundle)
+    if by == "installed name":  # the everyday case: a model installed in the registry
+        Registry(home).install(
+            bundle, "tiny-installed", source=ModelSource(type="import", request=str(bundle))
+        )
+        model = "tiny-installed"
+    # HF_HUB_OFFLINE=0: offline must come from our code making no call, not from the Hub's switch.
+    env = {"SNAPGEN_HOME": str(home), "HF_HUB_OFFLINE": "0", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(bundle), str(tmp_path / "out")],
+        [sys.executable, "-c", SCRIPT, model, str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,
