@@ -9,7 +9,8 @@ run lives in one folder, ``$SNAPGEN_HOME/runs/<name>/``::
     config.json      the TrainConfig handed to the trainer
     events.jsonl     the trainer's stdout: JSON-lines events (snapgen_app.progress encoding), appended
                      across pause/resume; :class:`RunHandle` tails it from the start on reattach
-    stderr.log       the trainer's stderr (its one-line cause on failure)
+    stderr.log       the trainer's stderr (its one-line cause on failure), a LAUNCH_MARK line
+                     before each attempt
     process.json     pid of the running trainer (and what it was started for)
     paused|cancelled marker files: why the last stop happened
     dataset/         symlinks to the images + edited .txt captions (only when captions were edited)
@@ -29,6 +30,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +52,8 @@ TRAINING_PYTHON_ENV = "SNAPGEN_TRAIN_PYTHON"
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_EXTENSION = ".txt"
 METADATA_FILE = "metadata.jsonl"
+#: The line :func:`_launch` writes to ``stderr.log`` before each attempt (start or resume).
+LAUNCH_MARK = "--- snapgen: trainer launched"
 EXIT_STOPPED = 130  # the trainer's exit code after SIGTERM, with a checkpoint to resume from
 #: Component folder names of a checkpoint (docs/bundle-format.md; `vae/` as diffusers names it).
 UNET_FOLDERS = ("unet",)
@@ -604,6 +608,9 @@ class RunHandle:
     _offset: int = 0
     _buffer: str = ""
     history: list[Event] = field(default_factory=list)
+    #: index in ``history`` where the latest launch (start or resume) of this process began: the
+    #: endings of earlier attempts are not this attempt's
+    _launch_index: int = 0
 
     # -- files --------------------------------------------------------------------------------
 
@@ -681,7 +688,14 @@ class RunHandle:
     # -- state -----------------------------------------------------------------------------------
 
     def last_terminal(self) -> Event | None:
-        return next((e for e in reversed(self.history) if e.kind in ("finished", "error", "cancelled")), None)
+        """The finished/error/cancelled event of the latest attempt; None when it has none (still
+        running, or it died without a word: killed, crashed in native code, power loss)."""
+        for event in reversed(self.history[self._launch_index :]):
+            if event.kind in ("finished", "error", "cancelled"):
+                return event
+            if event.kind == "started":  # each launch starts with one: older endings are not ours
+                return None
+        return None
 
     def state(self) -> RunState:
         """running, finished, paused (resumable), cancelled, failed, or starting (no event yet)."""
@@ -699,15 +713,37 @@ class RunHandle:
         return "failed"
 
     def failure(self) -> str:
-        """Why the run failed: its error event or the trainer's last stderr line."""
+        """Why the run failed, for people: its error event, the trainer's one-line cause on stderr,
+        else how the process ended (exit code or signal) with the last lines of ``stderr.log``."""
         last = self.last_terminal()
         if last is not None and last.kind == "error" and last.message:
             return last.message
+        tail = self.log_tail()
+        cause = next((line for line in reversed(tail) if "training_tools: error:" in line), None)
+        if cause is not None:
+            return cause.split("training_tools: error:", 1)[1].strip()
+        text = _how_it_ended(self.pid)
+        if tail:
+            text += "; the end of its log: " + " / ".join(tail[-3:])
+        return text + f" (full log: {self.run_dir / 'stderr.log'})"
+
+    def log_tail(self, lines: int = 20, width: int = 300) -> list[str]:
+        """The last ``lines`` non-empty lines the latest attempt wrote to ``stderr.log`` (each cut
+        to ``width`` characters); [] when there is none."""
         try:
-            stderr = (self.run_dir / "stderr.log").read_text(encoding="utf-8", errors="replace")
+            with open(self.run_dir / "stderr.log", "rb") as handle:
+                handle.seek(max(0, handle.seek(0, os.SEEK_END) - 64 * 1024))  # a long log: its end
+                text = handle.read().decode("utf-8", errors="replace")
         except OSError:
-            stderr = ""
-        return str(_trainer_error(stderr, -1))
+            return []
+        _, mark, after = text.rpartition(LAUNCH_MARK)
+        if mark:  # an earlier attempt's cause is not this one's
+            text = after.partition("\n")[2]
+        # progress bars (tqdm's "50%|#####|") say nothing about why it stopped
+        kept = [
+            line.rstrip() for line in text.splitlines() if line.strip() and not _PROGRESS_BAR.search(line)
+        ]
+        return [line if len(line) <= width else line[: width - 1] + "…" for line in kept[-lines:]]
 
     def losses(self) -> list[tuple[int, dict[str, float]]]:
         """(step, loss terms) of every progress event read so far (a resumed step: last wins)."""
@@ -759,13 +795,54 @@ class RunHandle:
         return _launch(self, python, resume=True)
 
 
+_PROGRESS_BAR = re.compile(r"\d+%\|")
+
+
+def _how_it_ended(pid: int | None) -> str:
+    """How a trainer that left no error ended: its exit code or signal when this process started
+    it, else only that it stopped (started by an earlier session of the app)."""
+    child = _CHILDREN.get(pid) if pid is not None else None
+    code = child.poll() if child is not None else None
+    if code is None:
+        return "the trainer stopped without reporting an error"
+    if code >= 0:
+        return f"the trainer exited with code {code} without reporting an error"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    text = f"the trainer was killed by {name} without reporting an error"
+    if -code == getattr(signal, "SIGKILL", 9):
+        text += " (the system does this when memory runs out)"
+    return text
+
+
+def _end_partial_line(path: Path) -> None:
+    """A trainer killed while writing leaves half a line: end it, so the next attempt's first event
+    is not glued to it (the half line is then skipped as foreign)."""
+    try:
+        with open(path, "rb+") as handle:
+            if handle.seek(0, os.SEEK_END) > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 def _launch(handle: RunHandle, python: str | None, *, resume: bool) -> RunHandle:
     for name in ("paused", "cancelled"):
         (handle.run_dir / name).unlink(missing_ok=True)
+    _end_partial_line(handle.events_path)
+    handle.poll()
+    handle._launch_index = len(handle.history)
     command = [training_python(python), "-m", "training_tools", STAGE, str(handle.run_dir / "config.json")]
     if resume:
         command.append("--resume")
     with open(handle.events_path, "ab") as out, open(handle.run_dir / "stderr.log", "ab") as err:
+        mode = "resume" if resume else "start"
+        err.write(f"{LAUNCH_MARK} ({mode}) {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        err.flush()  # before the child writes to the same file
         child = subprocess.Popen(
             command,
             stdout=out,

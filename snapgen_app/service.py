@@ -14,6 +14,7 @@ nothing reaches the network.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import secrets
@@ -227,6 +228,27 @@ def generate(
         raise
 
 
+#: errno values that mean "no room left": the disk is full or the user's quota is used up.
+DISK_FULL_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def _write_images(files: list[tuple[Path, bytes]]) -> None:
+    """Write the PNGs atomically; a full disk (or quota) becomes a SnapGenError saying so and what
+    to do, instead of a bare OS error (write_files_atomically already removed its temp files)."""
+    try:
+        write_files_atomically(files)
+    except SnapGenError as exc:
+        cause = exc.__cause__
+        if not (isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS):
+            raise
+        folders = sorted({str(path.parent) for path, _ in files})
+        raise SnapGenError(
+            f"the disk is full: {len(files)} image(s) could not be written to {', '.join(folders)} "
+            f"({cause.strerror or 'no space left'})",
+            hint="free some space on that disk (or choose another output folder), then generate again",
+        ) from cause
+
+
 def _generate(
     request: GenerationRequest, on_event: EventCallback | None, cancel: CancelToken | None
 ) -> GenerationResult:
@@ -301,7 +323,7 @@ def _generate(
         text = png_text_chunks(resolved, image)
         first_text = first_text or text
         files.append((path, encode_png(pixels, text)))
-    write_files_atomically(files)
+    _write_images(files)
     timings = {"load": 0.0 if was_cached else loaded.load_seconds, **output.timings}
     timings["write"] = time.perf_counter() - write_start
     timings["total"] = time.perf_counter() - started

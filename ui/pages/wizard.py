@@ -12,6 +12,7 @@ registration) runs on the controller's pool through ``run_task``, never on the G
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -508,10 +509,15 @@ class TrainStep(QWizardPage):
         self.pause_button.clicked.connect(self.pause_or_resume)
         self.cancel_button = QPushButton("Cancel run")
         self.cancel_button.clicked.connect(self.cancel_run)
+        self.start_over_button = QPushButton("Start over")
+        self.start_over_button.setToolTip("Set up a new run from step 1 (this run's folder is kept)")
+        self.start_over_button.clicked.connect(self.start_over)
+        self.start_over_button.hide()  # offered when a run failed
         buttons = QHBoxLayout()
         buttons.addWidget(self.progress, 1)
         buttons.addWidget(self.pause_button)
         buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.start_over_button)
         layout = QVBoxLayout(self)
         layout.addWidget(self.status)
         layout.addLayout(buttons)
@@ -590,23 +596,47 @@ class TrainStep(QWizardPage):
     def _on_state(self, state: str) -> None:
         handle = self.owner.state.handle
         running = state in ("running", "starting")
-        self.pause_button.setText("Pause" if running else "Resume")
-        self.pause_button.setEnabled(state in ("running", "starting", "paused", "cancelled"))
+        self.pause_button.setText("Pause" if running else "Retry" if state == "failed" else "Resume")
+        self.pause_button.setEnabled(state in ("running", "starting", "paused", "cancelled", "failed"))
         self.cancel_button.setEnabled(running)
+        self.start_over_button.setVisible(state == "failed")
         if state == "finished":
             self.timer.stop()
             self.status.setText("Training finished. Next: compare with the base model.")
             self.owner.notify(f"training of {handle.name} finished", "info")
         elif state == "failed":
             self.timer.stop()
-            self.status.setText(f"<b>Training failed:</b> {handle.failure()}")
-            self.owner.notify(f"Training of {handle.name} failed: {handle.failure()}", "error")
+            self._show_failure(handle)
         elif state == "starting":
             self.status.setText("Starting the training tools…")
         elif state in ("paused", "cancelled"):
             self.status.setText(
                 f"Training {state} at step {self.progress.value()} (checkpoint kept; Resume continues)."
             )
+
+    def _show_failure(self, handle: Any) -> None:
+        """The cause (escaped: tracebacks hold <module>), the end of the trainer's log, and what the
+        person can do; the images already generated and the run's checkpoints are untouched."""
+        why = handle.failure()
+        tail = handle.log_tail(lines=5)
+        shown = bool(tail) and tail[-1] in why  # failure() already quotes the log's end
+        log = "" if shown else "".join(f"<br><tt>{html.escape(line)}</tt>" for line in tail)
+        self.status.setText(
+            f"<b>Training failed:</b> {html.escape(why)}"
+            + (f"<br>Last lines of the trainer's log:{log}" if log else "")
+            + "<br>Retry continues from the last checkpoint (if one was written); "
+            "Start over sets up a new run."
+        )
+        self.owner.notify(
+            f"Training of {handle.name} failed: {why}. Retry it, or start over with a new run.", "error"
+        )
+
+    def start_over(self) -> None:
+        """A new run from step 1, with this run's images folder filled in."""
+        handle = self.owner.state.handle
+        self.owner.new_run()
+        if handle is not None:
+            self.owner.folder_step.folder_edit.setText(handle.request.images_dir)
 
     def pause_or_resume(self) -> None:
         handle = self.owner.state.handle
