@@ -13,6 +13,7 @@ from pathlib import Path
 
 APP_NAME = "snapgen-studio"
 HOME_ENV = "SNAPGEN_HOME"
+BUILTIN_ENV = "SNAPGEN_BUILTIN_DIR"
 
 
 def store_home() -> Path:
@@ -26,7 +27,13 @@ def store_home() -> Path:
 
 
 def builtin_dir() -> Path:
-    """``model_store/builtin/``: shipped bundles, one folder per built-in model."""
+    """``model_store/builtin/``: shipped bundles, one folder per built-in model.
+
+    ``$SNAPGEN_BUILTIN_DIR`` points elsewhere (tests use an empty folder so that what they see does
+    not depend on which built-in models this checkout ships)."""
+    override = os.environ.get(BUILTIN_ENV)
+    if override:
+        return Path(override).expanduser()
     return Path(__file__).resolve().parent / "builtin"
 
 

@@ -201,9 +201,11 @@ def installed_builtin_models(folder: Path) -> list[str]:
 
 def scratch_environment(scratch: Path) -> dict[str, str]:
     """The environment of the frozen runs: a fresh data folder and settings, offscreen Qt, and no
-    PYTHON* variables, so the frozen program cannot borrow anything from a Python installation."""
+    PYTHON* variables, so the frozen program cannot borrow anything from a Python installation; the
+    built-in models are the folder's own (no SNAPGEN_BUILTIN_DIR from the caller)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env.pop("VIRTUAL_ENV", None)
+    env.pop("SNAPGEN_BUILTIN_DIR", None)
     env.update(
         SNAPGEN_HOME=str(scratch / "home"),
         HOME=str(scratch),
