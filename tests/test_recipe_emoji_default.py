@@ -1,0 +1,124 @@
+"""A tiny real run of the emoji_default recipe: stages chain, finished stages are skipped, a stage
+stopped on its time budget is finalised from its checkpoint, and a resumed run trains nothing again.
+
+Tiny presets (UNet ``tiny``, autoencoder ``tiny``), a dozen 128 px images, budgets of seconds. The
+trainer stages run as real ``python -m training_tools`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training_tools.emoji_world.curation import curate
+from training_tools.emoji_world.dataset_builder import BuildConfig, build
+from training_tools.recipes.emoji_default import Recipe, RecipeConfig, make_subset, stage_info
+
+
+def _config(out: Path) -> RecipeConfig:
+    return RecipeConfig(
+        out=str(out),
+        budget_minutes=1.0,
+        stage_minutes={"autoencoder": 0.02, "teacher": 0.05, "distill": 0.05, "step_distill": 0.05},
+        teacher_preset="tiny",
+        student_preset="tiny",
+        autoencoder_preset="tiny",
+        num_images=12,
+        num_classes=8,
+        class_seed=3,
+        autoencoder_max_images=8,
+        batch_size=2,
+        checkpoint_every=2,
+        threads=1,
+        warmup_steps=1,
+        ablation=False,
+        teacher_steps_for_targets=4,
+    )
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recipe, list[str]]:
+    out = tmp_path_factory.mktemp("recipe")
+    cfg = _config(out)
+    # The dataset is built in-process with a small class list (curation renders every candidate once).
+    build(
+        out / "dataset",
+        BuildConfig(num_images=cfg.num_images, seed=0, num_classes=8, class_seed=3),
+        classes=curate(8, seed=3),
+    )
+    lines: list[str] = []
+    recipe = Recipe(cfg, log=lines.append)
+    recipe.run(["dataset", "autoencoder", "teacher", "distill", "step_distill"])
+    return recipe, lines
+
+
+def test_stages_chain_into_a_step_distilled_checkpoint(recipe_run: tuple[Recipe, list[str]]) -> None:
+    recipe, lines = recipe_run
+    assert any("dataset: present, skipped" in line for line in lines)
+    assert (recipe.final("autoencoder") / "metrics.json").is_file()
+    for stage in ("teacher", "distill", "step_distill"):
+        final = recipe.final(stage)
+        assert (final / "model_index.json").is_file(), stage
+        assert (final / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert stage_info(recipe.out / stage)["steps"] >= 1
+    # Each student stage read its predecessor: distill from the teacher, step-distill from distill.
+    distill_cfg = json.loads((recipe.out / "distill" / "train_config.json").read_text())
+    assert distill_cfg["teacher"]["path"].endswith("teacher/final/unet")
+    assert distill_cfg["model"]["text_path"].endswith("teacher/final/text_conditioner")
+    step_cfg = json.loads((recipe.out / "step_distill" / "train_config.json").read_text())
+    assert step_cfg["stage"] == "step-distill"
+    assert step_cfg["model"]["unet_path"].endswith("distill/final/unet")
+    assert step_cfg["step_distill"]["student_steps"] == 4
+    # The budgeted stages were stopped by the recipe and finalised at the step they reached.
+    assert any("teacher: finalising at step" in line for line in lines)
+    summary = recipe.summary()
+    assert summary["teacher"]["steps"] == stage_info(recipe.out / "teacher")["steps"]
+
+
+def test_rerun_skips_finished_stages_and_finalises_a_stopped_one(
+    recipe_run: tuple[Recipe, list[str]],
+) -> None:
+    recipe, _ = recipe_run
+    weights = recipe.final("teacher") / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    step = stage_info(recipe.out / "distill")["steps"]
+    # Lose the distilled student's final folder: its checkpoint and spent clock remain.
+    import shutil
+
+    shutil.rmtree(recipe.final("distill"))
+    lines: list[str] = []
+    again = Recipe(recipe.cfg, log=lines.append)
+    again.run(["dataset", "autoencoder", "teacher", "distill"])
+    assert any("autoencoder: done, skipped" in line for line in lines)
+    assert any("teacher: done, skipped" in line for line in lines)
+    assert weights.stat().st_mtime_ns == before  # not trained again
+    assert any(f"distill: finalising at step {step}" in line for line in lines)
+    assert not any("distill: starting" in line or "distill: resuming" in line for line in lines)
+    assert (again.final("distill") / "model_index.json").is_file()
+
+
+def test_make_subset_links_the_first_images(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    rows = []
+    for i in range(5):
+        (source / f"{i:08d}.png").write_bytes(b"png")
+        rows.append(json.dumps({"file_name": f"{i:08d}.png", "text": f"caption {i}"}))
+    (source / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    target = make_subset(source, tmp_path / "subset", 3)
+    lines = (target / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(line)["file_name"] for line in lines] == [
+        "00000000.png",
+        "00000001.png",
+        "00000002.png",
+    ]
+    assert (target / "00000002.png").is_symlink() and not (target / "00000003.png").exists()
+
+
+def test_config_rejects_unknown_stage_minutes() -> None:
+    from snapgen_app.errors import SnapGenError
+
+    with pytest.raises(SnapGenError, match="stage_minutes"):
+        RecipeConfig(stage_minutes={"teachers": 3.0})

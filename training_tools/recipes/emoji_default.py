@@ -1,0 +1,878 @@
+"""The built-in default model ``snapgen-emoji``, trained end to end with our own training tools.
+
+``python -m training_tools.recipes.emoji_default [--budget-minutes 180] [--out runs/emoji-default]
+[--background] [--ship]``
+
+Stages (each skipped when its output exists, each resumable from its last checkpoint):
+
+1. ``dataset``      emoji-world PNGs + metadata.jsonl (``python -m training_tools.emoji_world build``)
+2. ``autoencoder``  our encoder + the tiny decoder (:mod:`training_tools.autoencoder_trainer`)
+3. ``teacher``      ``tiny-emoji-teacher`` (33 M) trained with flow matching (``pretrain``)
+4. ``distill``      ``tiny-emoji-student`` (8.9 M) from scratch with multi-level KD from the teacher
+5. ``ablation``     the same student without distillation for the same wall-time budget and
+                    threads (the paper's ablation); it needs no teacher, so with ``parallel`` it
+                    runs beside the teacher (use ``--threads 1``: one core each)
+6. ``step_distill`` adversarial step distillation of the distilled student to 4 Euler steps
+7. ``export``       ``snapgen export`` -> int8 (+ fp32) runtime bundle
+8. ``eval``         EmojiEval of every model above (+ int8 against fp32 on the bundle)
+9. ``ship``         (``--ship``) bundle + fp16 training checkpoint + licences + model card into
+                    ``model_store/builtin/snapgen-emoji``
+
+Time budgets: the training stages that have one run for a share of ``budget_minutes`` of *wall time*
+(the trainer is stopped with SIGTERM, which makes it checkpoint, then finalised with ``max_steps``
+set to the step it reached; see :func:`run_trainer`). The schedule is constant after a warm-up, so
+stopping on time does not cut a decay short. The minutes already spent in a stage are kept in
+``OUT/clock/STAGE.json`` so a resumed stage gets only what is left.
+Events of every stage go to ``OUT/logs/STAGE.log``; the recipe's own progress to ``OUT/logs/recipe.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from snapgen_app.config import ConfigBase, require
+from snapgen_app.errors import SnapGenError, TrainingError
+
+STAGES: tuple[str, ...] = (
+    "dataset",
+    "autoencoder",
+    "teacher",
+    "distill",
+    "ablation",
+    "step_distill",
+    "export",
+    "eval",
+    "ship",
+)
+# Shares of the wall-time budget of the stages that have one (the rest is caching, export, eval).
+# The teacher trains ~2.6x slower per sample than the student, so it gets the largest share.
+DEFAULT_SHARES: dict[str, float] = {
+    "autoencoder": 0.12,
+    "teacher": 0.36,
+    "distill": 0.25,
+    "step_distill": 0.12,
+}
+TEACHER_PRESET = "tiny-emoji-teacher"
+STUDENT_PRESET = "tiny-emoji-student"
+AUTOENCODER_PRESET = "emoji"
+MODEL_NAME = "snapgen-emoji"
+
+
+class RecipeError(TrainingError):
+    """A recipe stage failed (the message names the stage and its log)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig(ConfigBase):
+    """Everything the recipe needs; saved as ``OUT/recipe.json``."""
+
+    out: str = "runs/emoji-default"
+    budget_minutes: float = 180.0
+    stage_minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of the shares
+    seed: int = 0
+    teacher_preset: str = TEACHER_PRESET
+    student_preset: str = STUDENT_PRESET
+    autoencoder_preset: str = AUTOENCODER_PRESET
+    num_images: int = 30000
+    denoiser_images: int = 0  # 0 = all of them (fewer = a cheaper latent/text cache)
+    num_classes: int = 200
+    class_seed: int = 0
+    autoencoder_max_images: int = 6000
+    batch_size: int = 32
+    teacher_lr: float = 4e-4
+    student_lr: float = 5e-4
+    step_distill_lr: float = 2e-4
+    step_distill_batch_size: int = 16  # each sample costs ~8 teacher-forward equivalents: more, smaller steps
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    text_max_length: int = 24
+    text_dropout: float = 0.1
+    teacher_steps_for_targets: int = 8  # teacher Euler steps per 4-step trajectory (2 per student step)
+    adv_weight: float = 0.1
+    checkpoint_every: int = 200
+    threads: int = 2
+    parallel: bool = True  # the ablation student beside the teacher (use threads=1 then)
+    ablation: bool = True
+    classifier: str = ""  # EmojiEval classifier directory; empty = train one under OUT/classifier
+    classifier_minutes: float = 7.0
+    eval_per_category: int = 80
+    guidance_scale: float = 4.0  # CFG for the 28-step evaluations (the notes: 3-4 best)
+    eval_steps: int = 28
+    export_precisions: str = "int8,fp32"
+    ship_dir: str = "model_store/builtin/snapgen-emoji"
+    max_ship_mb: float = 80.0
+
+    def validate(self) -> None:
+        require(self.budget_minutes > 0, "budget_minutes", "must be positive")
+        unknown = set(self.stage_minutes) - set(DEFAULT_SHARES)
+        require(
+            not unknown, "stage_minutes", f"unknown stages {sorted(unknown)}", allowed=sorted(DEFAULT_SHARES)
+        )
+        require(self.num_images >= 2, "num_images", "must be >= 2")
+        require(0 <= self.denoiser_images <= self.num_images, "denoiser_images", "must be in [0, num_images]")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.threads >= 1, "threads", "must be >= 1")
+        require(self.eval_per_category >= 1, "eval_per_category", "must be >= 1")
+
+    def minutes(self, stage: str) -> float:
+        """Wall-time budget of a time-budgeted stage."""
+        if stage in self.stage_minutes:
+            return float(self.stage_minutes[stage])
+        return DEFAULT_SHARES[stage] * self.budget_minutes
+
+
+# -- small helpers -----------------------------------------------------------------------------------
+
+
+class Recipe:
+    """Runs the stages of one :class:`RecipeConfig` (see the module docstring)."""
+
+    def __init__(self, cfg: RecipeConfig, log: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "logs").mkdir(exist_ok=True)
+        (self.out / "configs").mkdir(exist_ok=True)
+        (self.out / "clock").mkdir(exist_ok=True)
+        self._log_lock = threading.Lock()
+        self._external_log = log
+        self.summary_path = self.out / "summary.json"
+        self._ablation_thread: threading.Thread | None = None
+        self._ablation_error: BaseException | None = None
+
+    # paths
+    @property
+    def dataset_dir(self) -> Path:
+        return self.out / "dataset"
+
+    @property
+    def denoiser_data(self) -> Path:
+        return self.out / "data-denoiser" if self.cfg.denoiser_images else self.dataset_dir
+
+    def final(self, stage: str) -> Path:
+        return self.out / stage / "final"
+
+    def log(self, message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        with self._log_lock:
+            with open(self.out / "logs" / "recipe.log", "a") as handle:
+                handle.write(line + "\n")
+            if self._external_log is not None:
+                self._external_log(line)
+
+    def update_summary(self, key: str, value: Any) -> None:
+        with self._log_lock:
+            data = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+            data[key] = value
+            self.summary_path.write_text(json.dumps(data, indent=2) + "\n")
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+
+    def _run(self, name: str, argv: Sequence[str], threads: int | None = None) -> None:
+        """Run a subprocess to completion with its output in OUT/logs/NAME.log; RecipeError on failure."""
+        log_path = self.out / "logs" / f"{name}.log"
+        with open(log_path, "a") as handle:
+            rc = subprocess.call(
+                list(argv), stdout=handle, stderr=subprocess.STDOUT, env=_env(threads or self.cfg.threads)
+            )
+        if rc != 0:
+            raise RecipeError(f"stage {name} failed (exit code {rc})", hint=f"read {log_path}")
+
+    # -- stages ------------------------------------------------------------------------------------
+
+    def stage_dataset(self) -> None:
+        c = self.cfg
+        if (self.dataset_dir / "metadata.jsonl").is_file():
+            self.log("dataset: present, skipped")
+        else:
+            if self.dataset_dir.exists():  # a build that died half-way: it writes metadata.jsonl last
+                shutil.rmtree(self.dataset_dir)
+            started = time.monotonic()
+            self._run(
+                "dataset",
+                [
+                    sys.executable,
+                    "-m",
+                    "training_tools.emoji_world",
+                    "build",
+                    "--out",
+                    str(self.dataset_dir),
+                    "--seed",
+                    str(c.seed),
+                    "--num-images",
+                    str(c.num_images),
+                    "--num-classes",
+                    str(c.num_classes),
+                    "--class-seed",
+                    str(c.class_seed),
+                    "--workers",
+                    str(c.threads),
+                    "--json",
+                ],
+            )
+            self.update_summary(
+                "dataset", {"images": c.num_images, "minutes": round((time.monotonic() - started) / 60, 2)}
+            )
+            self.log(f"dataset: built {c.num_images} images")
+        if c.denoiser_images:
+            make_subset(self.dataset_dir, self.denoiser_data, c.denoiser_images)
+
+    def stage_autoencoder(self) -> None:
+        final = self.final("autoencoder")
+        if (final / "metrics.json").is_file():
+            self.log("autoencoder: done, skipped")
+            return
+        minutes = self.cfg.minutes("autoencoder")
+        self.log(f"autoencoder: training for {minutes:.1f} min")
+        self._run(
+            "autoencoder",
+            [
+                sys.executable,
+                "-m",
+                "training_tools.autoencoder_trainer",
+                "--data",
+                str(self.dataset_dir),
+                "--out",
+                str(self.out / "autoencoder"),
+                "--preset",
+                self.cfg.autoencoder_preset,
+                "--minutes",
+                str(minutes),
+                "--max-images",
+                str(self.cfg.autoencoder_max_images),
+                "--threads",
+                str(self.cfg.threads),
+                "--seed",
+                str(self.cfg.seed),
+            ],
+        )
+        metrics = json.loads((final / "metrics.json").read_text())
+        self.update_summary("autoencoder", metrics)
+        self.log(f"autoencoder: {metrics.get('heldout_psnr_db')} dB held-out PSNR")
+
+    def text_init(self) -> Path:
+        """A fresh MiniLM text conditioner whose dropped prompt is the embedding of "" (what the
+        runtime feeds as the unconditional input under CFG), saved once for the teacher and ablation."""
+        path = self.out / "text-init"
+        if (path / "config.json").is_file():
+            return path
+        import torch
+
+        from snapgen_app.config import TextConditionerConfig, TextEncoderConfig
+        from snapgen_app.model.presets import unet_preset
+        from snapgen_app.model.text_encoders import TextConditioner, TextProjection
+
+        torch.manual_seed(self.cfg.seed)
+        unet = unet_preset(self.cfg.teacher_preset)
+        config = TextConditionerConfig(
+            encoders=(TextEncoderConfig(max_length=self.cfg.text_max_length),),
+            context_dim=unet.context_dim,
+            pooled_projection_dim=unet.pooled_dim,
+            dropout=(self.cfg.text_dropout,),
+            drop_mode="empty_prompt",
+        )
+        conditioner = TextConditioner(config, projection=TextProjection.from_conditioner_config(config))
+        tmp = path.with_name(path.name + ".tmp")
+        conditioner.save_pretrained(tmp)
+        tmp.rename(path)
+        return path
+
+    def train_config(self, stage_name: str, **fields: Any) -> dict[str, Any]:
+        """The TrainConfig dict of one trainer stage (shared data/cache/autoencoder/flow settings)."""
+        c = self.cfg
+        base: dict[str, Any] = {
+            "run_dir": str(self.out / stage_name),
+            "seed": c.seed,
+            "batch_size": c.batch_size,
+            "max_steps": 1_000_000,  # time-budgeted: stopped on time, then finalised at the step reached
+            "mixed_precision": "bf16",
+            "data": {
+                "path": str(self.denoiser_data),
+                "resolution": 128,
+                "cache_dir": str(self.out / "cache"),
+            },
+            "model": {
+                "unet_preset": c.student_preset,
+                "autoencoder_path": str(self.final("autoencoder")),
+                "text_max_length": c.text_max_length,
+                "text_dropout": c.text_dropout,
+            },
+            "optim": {"lr": c.student_lr, "warmup_steps": c.warmup_steps, "ema_decay": c.ema_decay},
+            "checkpoint_every": c.checkpoint_every,
+            "keep_checkpoints": 2,
+            "log_every": 10,
+            "cpu_threads": c.threads,
+            "sample": {"steps": c.eval_steps, "guidance_scale": c.guidance_scale},
+        }
+        return _deep_merge(base, fields)
+
+    def stage_teacher(self) -> None:
+        cfg = self.train_config(
+            "teacher",
+            stage="pretrain",
+            model={"unet_preset": self.cfg.teacher_preset, "text_path": str(self.text_init())},
+            optim={"lr": self.cfg.teacher_lr},
+        )
+        self.run_trainer("teacher", cfg, self.cfg.minutes("teacher"))
+
+    def stage_distill(self) -> None:
+        teacher = self.final("teacher")
+        cfg = self.train_config(
+            "distill",
+            stage="distill",
+            # The student starts from the teacher's text projections and keeps them frozen, so student
+            # and teacher read the same tokens here and in step distillation.
+            model={"text_path": str(teacher / "text_conditioner"), "train_text": False},
+            teacher={"kind": "snapgen", "path": str(teacher / "unet")},
+            kd={"scaling": "timestep_aware", "output_weight": 1.0, "feature_weight": 1.0},
+        )
+        self.run_trainer("distill", cfg, self.cfg.minutes("distill"))
+
+    def stage_ablation(self, threads: int | None = None) -> None:
+        """The same student without distillation, for the same wall-time budget and threads as the
+        distilled one (it needs no teacher, so it can run beside the teacher)."""
+        cfg = self.train_config(
+            "ablation",
+            stage="pretrain",
+            model={"text_path": str(self.text_init())},
+            cpu_threads=threads or self.cfg.threads,
+        )
+        self.run_trainer("ablation", cfg, self.cfg.minutes("distill"), threads=threads)
+
+    def stage_step_distill(self, threads: int | None = None) -> None:
+        distill, teacher = self.final("distill"), self.final("teacher")
+        cfg = self.train_config(
+            "step_distill",
+            stage="step-distill",
+            model={
+                "unet_path": str(distill / "unet"),
+                "text_path": str(distill / "text_conditioner"),
+                "train_text": False,
+            },
+            teacher={"kind": "snapgen", "path": str(teacher / "unet")},
+            step_distill={
+                "student_steps": 4,
+                "teacher_steps": self.cfg.teacher_steps_for_targets,
+                "adv_weight": self.cfg.adv_weight,
+            },
+            optim={"lr": self.cfg.step_distill_lr, "warmup_steps": 20},
+            batch_size=self.cfg.step_distill_batch_size,
+            cpu_threads=threads or self.cfg.threads,
+            sample={"steps": 4, "guidance_scale": 1.0},
+        )
+        self.run_trainer("step_distill", cfg, self.cfg.minutes("step_distill"), threads=threads)
+
+    def stage_teacher_and_ablation(self) -> None:
+        """The teacher, with the no-distillation student beside it in a background thread (one
+        thread each; joined by :meth:`join_ablation` before its evaluation) when ``parallel``."""
+        if self.cfg.ablation and self.cfg.parallel and self._ablation_thread is None:
+            self._ablation_thread = threading.Thread(target=self._ablation_worker, name="ablation")
+            self._ablation_thread.start()
+        self.stage_teacher()
+
+    def _ablation_worker(self) -> None:
+        try:
+            self.stage_ablation()
+        except BaseException as exc:  # re-raised by join_ablation
+            self._ablation_error = exc
+
+    def join_ablation(self) -> None:
+        """Wait for a background ablation run; re-raise its error."""
+        if self._ablation_thread is not None:
+            self._ablation_thread.join()
+            self._ablation_thread = None
+        if self._ablation_error is not None:
+            error, self._ablation_error = self._ablation_error, None
+            raise error
+
+    # -- the trainer stages ----------------------------------------------------------------------------
+
+    def steps_of(self, stage: str) -> int:
+        """Optimizer steps of a finished trainer stage."""
+        events = self.out / stage / "events.jsonl"
+        steps = 0
+        for line in events.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("kind") == "finished":
+                steps = int(event["step"])
+        if not steps:
+            raise RecipeError(f"stage {stage} has not finished", hint=f"run it first; see {events}")
+        return steps
+
+    def run_trainer(
+        self, name: str, cfg: dict[str, Any], minutes: float | None, threads: int | None = None
+    ) -> Path:
+        """Run ``python -m training_tools STAGE`` for ``name``; returns its final checkpoint.
+
+        With ``minutes``: stop it with SIGTERM once the stage's clock reaches the budget (it writes a
+        checkpoint and exits 130), then run it once more with ``--resume`` and ``max_steps`` set to the
+        step it reached, which only writes ``final/`` (EMA weights). Without: run to ``max_steps``.
+        """
+        final = self.final(name)
+        if (final / "model_index.json").is_file():
+            self.log(f"{name}: done, skipped")
+            return final
+        run_dir = self.out / name
+        cfg_path = self.out / "configs" / f"{name}.json"
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        clock_path = self.out / "clock" / f"{name}.json"
+        used = json.loads(clock_path.read_text())["seconds"] if clock_path.is_file() else 0.0
+        budget = None if minutes is None else minutes * 60.0
+        if budget is None or used < budget:
+            resume = (run_dir / "train_config.json").is_file()
+            left = "to the end" if budget is None else f"{(budget - used) / 60:.1f} of {minutes:.1f} min left"
+            self.log(f"{name}: {'resuming' if resume else 'starting'} ({left})")
+            rc = self._trainer_process(
+                name, cfg["stage"], cfg_path, resume, budget, used, clock_path, threads
+            )
+            if rc not in (0, 130, -signal.SIGTERM, 128 + signal.SIGTERM):
+                raise RecipeError(
+                    f"stage {name} failed (exit code {rc})",
+                    hint=f"read {self.out / 'logs' / (name + '.log')}",
+                )
+        if not (final / "model_index.json").is_file():
+            step = _latest_step(run_dir)
+            if step is None:
+                raise RecipeError(
+                    f"stage {name} stopped before its first checkpoint", hint="give it more minutes"
+                )
+            cfg = {**cfg, "max_steps": step}
+            cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+            self.log(f"{name}: finalising at step {step}")
+            rc = self._trainer_process(name, cfg["stage"], cfg_path, True, None, 0.0, None, threads)
+            if rc != 0:
+                raise RecipeError(
+                    f"stage {name} could not be finalised (exit code {rc})",
+                    hint=f"read {self.out / 'logs' / (name + '.log')}",
+                )
+        info = stage_info(run_dir)
+        info["minutes"] = round(
+            (json.loads(clock_path.read_text())["seconds"] if clock_path.is_file() else 0.0) / 60, 2
+        )
+        self.update_summary(name, info)
+        self.log(f"{name}: finished: {json.dumps(info)}")
+        return final
+
+    def _trainer_process(
+        self,
+        name: str,
+        stage: str,
+        cfg_path: Path,
+        resume: bool,
+        budget: float | None,
+        used: float,
+        clock_path: Path | None,
+        threads: int | None,
+    ) -> int:
+        argv = [sys.executable, "-m", "training_tools", stage, str(cfg_path)] + (
+            ["--resume"] if resume else []
+        )
+        log_path = self.out / "logs" / f"{name}.log"
+        with open(log_path, "a") as handle:
+            proc = subprocess.Popen(
+                argv, stdout=handle, stderr=subprocess.STDOUT, env=_env(threads or self.cfg.threads)
+            )
+            started, stopped = time.monotonic(), False
+            while proc.poll() is None:
+                time.sleep(2.0)
+                spent = used + time.monotonic() - started
+                if clock_path is not None:
+                    clock_path.write_text(json.dumps({"seconds": spent}))
+                # SIGTERM only once the training loop runs (its handler is installed by then and
+                # turns the signal into a checkpoint); start-up and caching are never cut short.
+                if (
+                    budget is not None
+                    and spent >= budget
+                    and not stopped
+                    and _training_started(self.out / name)
+                ):
+                    self.log(f"{name}: time budget reached, stopping with a checkpoint")
+                    proc.send_signal(signal.SIGTERM)
+                    stopped = True
+            if clock_path is not None:
+                clock_path.write_text(json.dumps({"seconds": used + time.monotonic() - started}))
+        return int(proc.returncode)
+
+    # -- export, eval, ship ---------------------------------------------------------------------------
+
+    def stage_export(self) -> None:
+        bundle = self.out / "bundle"
+        if (bundle / "bundle.json").is_file():
+            self.log("export: done, skipped")
+            return
+        started = time.monotonic()
+        self._run(
+            "export",
+            [
+                sys.executable,
+                "-m",
+                "snapgen_app",
+                "export",
+                str(self.final("step_distill")),
+                "--out",
+                str(bundle),
+                "--precision",
+                self.cfg.export_precisions,
+                "--name",
+                MODEL_NAME,
+                "--license",
+                "Apache-2.0 (MiniLM) / OFL-1.1 (Noto Color Emoji renders); weights: see MODEL_CARD.md",
+            ],
+        )
+        self.update_summary(
+            "export", {"minutes": round((time.monotonic() - started) / 60, 2), "bytes": _dir_bytes(bundle)}
+        )
+        self.log(f"export: bundle {_dir_bytes(bundle) / 1e6:.1f} MB")
+
+    def classifier_dir(self) -> Path:
+        if self.cfg.classifier:
+            return Path(self.cfg.classifier)
+        path = self.out / "classifier"
+        if not (path / "model.safetensors").is_file():
+            self._run(
+                "classifier",
+                [
+                    sys.executable,
+                    "-m",
+                    "training_tools.emoji_world.classifier",
+                    "train",
+                    "--out",
+                    str(path),
+                    "--classes",
+                    str(self.dataset_dir / "classes.json"),
+                    "--minutes",
+                    str(self.cfg.classifier_minutes),
+                    "--threads",
+                    "1",
+                ],
+            )
+        return path
+
+    def eval_plan(self) -> list[tuple[str, dict[str, Any]]]:
+        """(result name, how to generate) for every EmojiEval the model card reports."""
+        c = self.cfg
+        plan: list[tuple[str, dict[str, Any]]] = [
+            ("teacher_28", {"checkpoint": "teacher", "steps": c.eval_steps, "guidance": c.guidance_scale}),
+            (
+                "student_distilled_28",
+                {"checkpoint": "distill", "steps": c.eval_steps, "guidance": c.guidance_scale},
+            ),
+        ]
+        if c.ablation:
+            plan.append(
+                (
+                    "student_no_kd_28",
+                    {"checkpoint": "ablation", "steps": c.eval_steps, "guidance": c.guidance_scale},
+                )
+            )
+            plan.append(
+                (
+                    "student_no_kd_same_steps_28",
+                    {"checkpoint": "ablation_steps", "steps": c.eval_steps, "guidance": c.guidance_scale},
+                )
+            )
+        plan += [
+            (
+                "student_distilled_4_before_step_distill",
+                {"checkpoint": "distill", "steps": 4, "guidance": 1.0},
+            ),
+            (
+                "student_distilled_4_before_step_distill_cfg",
+                {"checkpoint": "distill", "steps": 4, "guidance": c.guidance_scale},
+            ),
+            ("student_step_distilled_4", {"checkpoint": "step_distill", "steps": 4, "guidance": 1.0}),
+            (
+                "student_step_distilled_4_cfg",
+                {"checkpoint": "step_distill", "steps": 4, "guidance": c.guidance_scale},
+            ),
+            ("bundle_fp32_4", {"bundle": "fp32", "steps": 4, "guidance": 1.0}),
+            ("bundle_int8_4", {"bundle": "int8", "steps": 4, "guidance": 1.0}),
+            ("bundle_fp32_4_cfg", {"bundle": "fp32", "steps": 4, "guidance": c.guidance_scale}),
+            ("bundle_int8_4_cfg", {"bundle": "int8", "steps": 4, "guidance": c.guidance_scale}),
+        ]
+        return plan
+
+    def stage_eval(self, only: Sequence[str] = ()) -> dict[str, Any]:
+        from training_tools.recipes import emoji_eval
+
+        results_dir = self.out / "eval"
+        results_dir.mkdir(exist_ok=True)
+        classifier = self.classifier_dir()
+        results: dict[str, Any] = {}
+        plan = sorted(
+            self.eval_plan(), key=lambda item: str(item[1].get("checkpoint")).startswith("ablation")
+        )
+        for name, how in plan:
+            if only and name not in only:
+                continue
+            if how.get("checkpoint") in ("ablation", "ablation_steps"):
+                self.join_ablation()
+            path = results_dir / f"{name}.json"
+            if path.is_file():
+                results[name] = json.loads(path.read_text())
+                continue
+            if "checkpoint" in how and not (self.final(how["checkpoint"]) / "model_index.json").is_file():
+                self.log(f"eval {name}: no {how['checkpoint']} checkpoint, skipped")
+                continue
+            if "bundle" in how and not (self.out / "bundle" / "bundle.json").is_file():
+                self.log(f"eval {name}: no bundle, skipped")
+                continue
+            started = time.monotonic()
+            if "checkpoint" in how:
+                generate = emoji_eval.checkpoint_generator(
+                    self.final(how["checkpoint"]), how["steps"], how["guidance"], threads=self.cfg.threads
+                )
+            else:
+                generate = emoji_eval.bundle_generator(
+                    self.out / "bundle", how["bundle"], how["steps"], how["guidance"]
+                )
+            report = emoji_eval.run_eval(generate, classifier, self.cfg.eval_per_category, results_dir / name)
+            result = {**report, **how, "seconds": round(time.monotonic() - started, 1)}
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            results[name] = result
+            self.log(
+                f"eval {name}: overall {100 * report['overall']:.1f} % {json.dumps(report['per_category'])}"
+            )
+        self.update_summary("eval", results)
+        return results
+
+    def stage_ship(self) -> None:
+        from training_tools.recipes import ship
+
+        ship.ship(self, Path(self.cfg.ship_dir))
+
+    # -- all ---------------------------------------------------------------------------------------
+
+    def run(self, stages: Sequence[str] = STAGES) -> None:
+        """Run the named stages in order (each skips itself when already complete)."""
+        (self.out / "recipe.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        steps: dict[str, Callable[[], Any]] = {
+            "dataset": self.stage_dataset,
+            "autoencoder": self.stage_autoencoder,
+            "teacher": self.stage_teacher_and_ablation,  # runs the ablation beside it
+            "distill": self.stage_distill,
+            "step_distill": self.stage_step_distill,
+            "export": self.stage_export,
+            "eval": self.stage_eval,
+            "ship": self.stage_ship,
+        }
+        started = time.monotonic()
+        for stage in stages:
+            if stage == "ablation":
+                if self.cfg.ablation and not (self.cfg.parallel and "teacher" in stages):
+                    self.stage_ablation()
+                continue
+            t0 = time.monotonic()
+            steps[stage]()
+            self.log(f"stage {stage}: {(time.monotonic() - t0) / 60:.1f} min")
+        self.join_ablation()
+        self.log(f"recipe: all stages done in {(time.monotonic() - started) / 60:.1f} min")
+
+
+# -- module helpers ----------------------------------------------------------------------------------
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    env["PYTHONWARNINGS"] = "ignore"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    from training_tools import checkpoint as ckpt
+
+    latest = ckpt.latest(run_dir / "checkpoints")
+    return None if latest is None else int(ckpt.read_state(latest)["step"])
+
+
+def _training_started(run_dir: Path) -> bool:
+    """True once the trainer has reported progress (or resumed from a checkpoint) in this run."""
+    events = run_dir / "events.jsonl"
+    if not events.is_file():
+        return False
+    text = events.read_text()
+    return '"kind":"progress"' in text.replace(" ", "") or ('"kind":"log"' in text and "resumed from" in text)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def stage_info(run_dir: Path) -> dict[str, Any]:
+    """Steps, samples, mean samples/s and last losses of a trainer run (from its events.jsonl)."""
+    steps, rates, loss, batch = 0, [], {}, 0
+    cfg_path = run_dir / "train_config.json"
+    if cfg_path.is_file():
+        batch = int(json.loads(cfg_path.read_text()).get("batch_size", 0))
+    events = run_dir / "events.jsonl"
+    for line in events.read_text().splitlines() if events.is_file() else []:
+        event = json.loads(line)
+        if event.get("kind") == "progress":
+            steps = max(steps, int(event.get("step", 0)))
+            data = event.get("data", {})
+            if "samples_per_s" in data:
+                rates.append(float(data["samples_per_s"]))
+            loss = data.get("loss", loss)
+    return {
+        "steps": steps,
+        "samples": steps * batch,
+        "samples_per_s": round(sum(rates) / len(rates), 2) if rates else None,
+        "last_loss": loss,
+    }
+
+
+def make_subset(source: Path, target: Path, count: int) -> Path:
+    """A dataset folder with the first ``count`` images of ``source`` (symlinks + metadata.jsonl)."""
+    if (target / "metadata.jsonl").is_file():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    lines = (source / "metadata.jsonl").read_text().splitlines()[:count]
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        (tmp / name).symlink_to((source / name).resolve())
+    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    for extra in ("classes.json", "build.json"):
+        if (source / extra).is_file():
+            shutil.copy(source / extra, tmp / extra)
+    tmp.rename(target)
+    return target
+
+
+def _parse_stage_minutes(items: Sequence[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        stage, sep, value = item.partition("=")
+        if not sep:
+            raise SnapGenError(f"--stage-minutes {item!r} is not STAGE=MINUTES")
+        out[stage.strip()] = float(value)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training_tools.recipes.emoji_default",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="runs/emoji-default", help="run folder (resumed when it exists)")
+    p.add_argument(
+        "--budget-minutes", type=float, default=180.0, help="wall-time budget of the training stages"
+    )
+    p.add_argument(
+        "--stage-minutes", nargs="*", default=[], metavar="STAGE=MIN", help="override a stage's share"
+    )
+    p.add_argument("--num-images", type=int, default=30000)
+    p.add_argument("--denoiser-images", type=int, default=0, help="images the denoisers train on (0 = all)")
+    p.add_argument("--num-classes", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--classifier", default="", help="EmojiEval classifier directory (default: train one)")
+    p.add_argument("--eval-per-category", type=int, default=80)
+    p.add_argument("--no-ablation", action="store_true", help="skip the no-distillation student")
+    p.add_argument(
+        "--sequential", action="store_true", help="ablation and step distillation one after the other"
+    )
+    p.add_argument(
+        "--stages", default=",".join(s for s in STAGES if s != "ship"), help="comma-separated stages to run"
+    )
+    p.add_argument(
+        "--ship", action="store_true", help="also copy the result into --ship-dir (model_store/builtin)"
+    )
+    p.add_argument("--ship-dir", default="model_store/builtin/snapgen-emoji")
+    p.add_argument(
+        "--background",
+        action="store_true",
+        help="detach and run in the background (log: OUT/logs/recipe.log)",
+    )
+    p.add_argument("--config", help="a RecipeConfig JSON file (other options are ignored)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RecipeConfig:
+    """The RecipeConfig of a command line."""
+    if args.config:
+        return RecipeConfig.from_dict(json.loads(Path(args.config).read_text()))
+    return RecipeConfig(
+        out=args.out,
+        budget_minutes=args.budget_minutes,
+        stage_minutes=_parse_stage_minutes(args.stage_minutes),
+        num_images=args.num_images,
+        denoiser_images=args.denoiser_images,
+        num_classes=args.num_classes,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        classifier=args.classifier,
+        eval_per_category=args.eval_per_category,
+        ablation=not args.no_ablation,
+        parallel=not args.sequential,
+        ship_dir=args.ship_dir,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 done, 1 a stage failed, 2 bad usage)."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            print(f"error: unknown stages {unknown}; allowed: {', '.join(STAGES)}", file=sys.stderr)
+            return 2
+        if args.ship and "ship" not in stages:
+            stages.append("ship")
+        if args.background:
+            return _detach(argv if argv is not None else sys.argv[1:], Path(cfg.out))
+        Recipe(cfg, log=lambda line: print(line, flush=True)).run(stages)
+    except SnapGenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _detach(argv: Sequence[str], out: Path) -> int:
+    """Start the same command without --background as a detached process; print its pid."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    rest = [a for a in argv if a != "--background"]
+    with open(out / "logs" / "recipe.out", "a") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "training_tools.recipes.emoji_default", *rest],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    print(f"recipe running in the background (pid {proc.pid}); log: {out / 'logs' / 'recipe.log'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
