@@ -159,11 +159,16 @@ def fingerprint(items: list[Item], extra: dict[str, Any]) -> str:
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """Hash of a module's weights (cheap: a few statistics per tensor)."""
+    """sha256 of a module's weight bytes (names, dtypes, shapes, values).
+
+    Hashes the bytes, not float sums: a reduction's result depends on the thread count, which made
+    a cache built with 2 threads look stale to a run with 1.
+    """
     digest = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().float()
-        digest.update(f"{name}{tuple(t.shape)}{t.sum().item():.6e}{t.abs().sum().item():.6e}".encode())
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
