@@ -73,10 +73,13 @@ def test_settings_save_output_folder_threads_device(qtbot: QtBot, ui_home: Path,
     page.output_edit.setText(str(tmp_path / "pictures"))
     page.threads_spin.setValue(1)
     page.device_combo.setCurrentIndex(page.device_combo.findData("cpu"))
+    page.training_python_edit.setText(" /opt/train-env/bin/python ")
     page.save()
     assert window.settings.output_dir() == tmp_path / "pictures"
     assert window.gallery_page.folder == tmp_path / "pictures"
     assert window.settings.threads == 1 and window.settings.device == "cpu"
+    # The wizard runs fine-tuning with the Python chosen here.
+    assert window.wizard_page.training_python == "/opt/train-env/bin/python"
     assert window.banner.text() == "settings saved"
 
 

@@ -71,6 +71,16 @@ class AppSettings:
         self.qsettings.setValue("runtime/threads", int(value))
 
     @property
+    def training_python(self) -> str:
+        """The Python with the `train` extra that runs fine-tuning ("" = find it: this one when it
+        has torch, else $SNAPGEN_TRAIN_PYTHON)."""
+        return str(self.qsettings.value("training/python", "") or "")
+
+    @training_python.setter
+    def training_python(self, value: str) -> None:
+        self.qsettings.setValue("training/python", value)
+
+    @property
     def device(self) -> str:
         return str(self.qsettings.value("runtime/device", "auto") or "auto")
 

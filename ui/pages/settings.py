@@ -39,6 +39,13 @@ class SettingsPage(QWidget):
         self.data_edit = QLineEdit()
         self.data_edit.setPlaceholderText(f"default: {store_home()}")
         self.output_edit = QLineEdit()
+        self.training_python_edit = QLineEdit()
+        self.training_python_edit.setPlaceholderText(
+            "automatic: this Python when it has torch, else $SNAPGEN_TRAIN_PYTHON"
+        )
+        self.training_python_edit.setToolTip(
+            'A Python with the training tools: pip install "snapgen-studio[train]" (see docs/packaging.md)'
+        )
         self.threads_spin = QSpinBox()
         self.threads_spin.setRange(0, 256)
         self.threads_spin.setSpecialValueText(f"automatic ({os.cpu_count() or 1} cores)")
@@ -53,6 +60,7 @@ class SettingsPage(QWidget):
         form = QFormLayout()
         form.addRow("Data folder (models, registry)", _with_browse(self.data_edit, self))
         form.addRow("Output folder (images)", _with_browse(self.output_edit, self))
+        form.addRow("Training Python (fine-tuning)", self.training_python_edit)
         form.addRow("ONNX Runtime threads", self.threads_spin)
         form.addRow("Default device", self.device_combo)
         form.addRow("Theme", self.theme_label)
@@ -78,6 +86,7 @@ class SettingsPage(QWidget):
         self.data_edit.setText(self.settings.data_dir_override)
         self.output_edit.setText(self.settings.output_dir_override)
         self.output_edit.setPlaceholderText(f"default: {store_home() / 'outputs'}")
+        self.training_python_edit.setText(self.settings.training_python)
         self.threads_spin.setValue(self.settings.threads)
         index = self.device_combo.findData(self.settings.device)
         self.device_combo.setCurrentIndex(max(0, index))
@@ -90,6 +99,7 @@ class SettingsPage(QWidget):
         """Store the values; a data folder takes effect at once for the service and model store."""
         self.settings.data_dir_override = self.data_edit.text().strip()
         self.settings.output_dir_override = self.output_edit.text().strip()
+        self.settings.training_python = self.training_python_edit.text().strip()
         self.settings.threads = self.threads_spin.value()
         self.settings.device = self.device_combo.currentData() or "auto"
         self.settings.apply_data_dir()

@@ -57,7 +57,6 @@ Notify = Callable[[str, str], None]
 FOLDER, CAPTIONS, MODEL, SETTINGS, TRAIN, COMPARE, REGISTER = range(7)
 THUMB = 96
 POLL_MS = 300
-TRAINING_PYTHON_KEY = "training/python"
 
 
 def _cell(table: QTableWidget, row: int, column: int) -> str:
@@ -942,8 +941,7 @@ class WizardPage(QWidget):
 
     @property
     def training_python(self) -> str | None:
-        value = str(self.settings.qsettings.value(TRAINING_PYTHON_KEY, "") or "")
-        return value or None
+        return self.settings.training_python or None
 
     # -- runs ---------------------------------------------------------------------------------------
 
