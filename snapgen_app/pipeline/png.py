@@ -140,11 +140,15 @@ def write_files_atomically(files: Sequence[tuple[Path, bytes]]) -> None:
     the temp files are removed and the error names the path (SnapGenError).
     """
     temps: list[tuple[str, Path]] = []
+    mode = _file_mode()
     try:
         for path, data in files:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             temps.append((tmp, path))
+            # mkstemp creates 0600; a picture gets the permissions any new file would (umask).
+            if hasattr(os, "fchmod"):  # not on Windows, where the default is already readable
+                os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -161,6 +165,20 @@ def write_files_atomically(files: Sequence[tuple[Path, bytes]]) -> None:
             f"cannot write {exc.filename or 'the image'}: {exc.strerror or exc}",
             hint="check that the folder exists, is writable and the disk has space",
         ) from exc
+
+
+def _file_mode() -> int:
+    """0o666 minus the process umask (read without changing it for other threads: via /proc when
+    available, else by setting and restoring it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_png(path: str | Path, pixels: np.ndarray, text: dict[str, str]) -> Path:
