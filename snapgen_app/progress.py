@@ -9,15 +9,16 @@ check :class:`CancelToken` where they emit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from snapgen_app.errors import Cancelled
+from snapgen_app.errors import Cancelled, SnapGenError
 
 EventKind = Literal["started", "progress", "preview", "log", "finished", "error", "cancelled"]
 EVENT_KINDS: tuple[str, ...] = ("started", "progress", "preview", "log", "finished", "error", "cancelled")
@@ -106,3 +107,26 @@ class EtaEstimator:
             return None
         elapsed = time.monotonic() - self._start
         return elapsed / done * max(0, self.total - done)
+
+
+def emit(on_event: EventCallback | None, event: Event) -> None:
+    """Deliver ``event`` when there is a listener."""
+    if on_event is not None:
+        on_event(event)
+
+
+@contextlib.contextmanager
+def reporting_outcome(on_event: EventCallback | None, stage: str) -> Iterator[None]:
+    """Turn a failure of the work inside into its closing event, then let it propagate.
+
+    Cancelled -> a ``cancelled`` event; any other SnapGenError -> an ``error`` event with its
+    one-line message. The error itself is re-raised so callers still see it.
+    """
+    try:
+        yield
+    except Cancelled:
+        emit(on_event, Event(kind="cancelled", stage=stage, message="cancelled by the user"))
+        raise
+    except SnapGenError as exc:
+        emit(on_event, Event(kind="error", stage=stage, message=str(exc)))
+        raise

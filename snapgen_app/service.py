@@ -34,10 +34,11 @@ from model_store.errors import StoreError
 from model_store.paths import store_home
 from snapgen_app import __version__
 from snapgen_app.api import GENERATE_STAGE, MAX_SEED, GenerationRequest, GenerationResult, StepEvent
-from snapgen_app.errors import BundleError, Cancelled, ConfigError, ModelNotFoundError, SnapGenError
+from snapgen_app.errors import BundleError, ConfigError, ModelNotFoundError, SnapGenError
 from snapgen_app.pipeline.png import ImageProvenance, encode_png, png_text_chunks, write_files_atomically
 from snapgen_app.pipeline.text_to_image import TextToImagePipeline
-from snapgen_app.progress import CancelToken, EtaEstimator, Event, EventCallback
+from snapgen_app.progress import CancelToken, EtaEstimator, Event, EventCallback, reporting_outcome
+from snapgen_app.progress import emit as _emit
 from snapgen_app.runtime.providers import CPU, choose_providers
 from snapgen_app.runtime.sessions import RuntimeOptions, SessionCache
 
@@ -179,11 +180,6 @@ def load_pipeline(
 # -- generate --------------------------------------------------------------------------------------
 
 
-def _emit(on_event: EventCallback | None, event: Event) -> None:
-    if on_event is not None:
-        on_event(event)
-
-
 def _seeds(request: GenerationRequest) -> list[int]:
     base = request.seed if request.seed is not None else secrets.randbelow(2**32)
     if base + request.num_images - 1 > MAX_SEED:
@@ -218,14 +214,8 @@ def generate(
     ProviderError for a missing provider, Cancelled when ``cancel`` fires); nothing is written in
     any of those cases.
     """
-    try:
+    with reporting_outcome(on_event, GENERATE_STAGE):
         return _generate(request, on_event, cancel)
-    except Cancelled:
-        _emit(on_event, Event(kind="cancelled", stage=GENERATE_STAGE, message="cancelled by the user"))
-        raise
-    except SnapGenError as exc:
-        _emit(on_event, Event(kind="error", stage=GENERATE_STAGE, message=str(exc)))
-        raise
 
 
 #: errno values that mean "no room left": the disk is full or the user's quota is used up.

@@ -44,8 +44,9 @@ from snapgen_app.devices.perf_test import build_command, command_line, parse_out
 from snapgen_app.devices.prepare import LocalFile, convert_to_ort, local_file, make_fixed_shape, sync_files
 from snapgen_app.devices.report import ComponentProfile, LatencyStats, OpStat, ProfileResult, save_profile
 from snapgen_app.devices.transport import DeviceInfo, TargetSpec, Transport, parse_target, quote
-from snapgen_app.errors import BundleError, Cancelled, ConfigError, DeviceError, SnapGenError, UsageError
-from snapgen_app.progress import CancelToken, Event, EventCallback
+from snapgen_app.errors import BundleError, ConfigError, DeviceError, UsageError
+from snapgen_app.progress import CancelToken, Event, EventCallback, reporting_outcome
+from snapgen_app.progress import emit as _emit
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,6 @@ def list_devices(adb: str | None = None) -> list[DeviceInfo]:
 
 
 # -- shared helpers --------------------------------------------------------------------------------
-
-
-def _emit(on_event: EventCallback | None, event: Event) -> None:
-    if on_event is not None:
-        on_event(event)
 
 
 def _cancel_check(cancel: CancelToken | None) -> Callable[[], bool] | None:
@@ -584,14 +580,8 @@ def profile(
     Raises DeviceError for an unusable device (nothing measured), Cancelled on cancel. A device
     that fails after some components were measured gives a result with ``partial=True``.
     """
-    try:
+    with reporting_outcome(on_event, PROFILE_STAGE):
         return _profile(request, on_event, cancel)
-    except Cancelled:
-        _emit(on_event, Event(kind="cancelled", stage=PROFILE_STAGE, message="cancelled by the user"))
-        raise
-    except SnapGenError as exc:
-        _emit(on_event, Event(kind="error", stage=PROFILE_STAGE, message=str(exc)))
-        raise
 
 
 def _profile(
@@ -755,14 +745,8 @@ def generate_on_device(
     description) and ``device_timings`` (JSON: seconds per component and per step, measured on
     the device). ``request.device`` must be "auto"; ``ep`` picks the device's provider.
     """
-    try:
+    with reporting_outcome(on_event, GENERATE_STAGE):
         return _generate_on_device(request, target, connect, ep, timeout_s, on_event, cancel)
-    except Cancelled:
-        _emit(on_event, Event(kind="cancelled", stage=GENERATE_STAGE, message="cancelled by the user"))
-        raise
-    except SnapGenError as exc:
-        _emit(on_event, Event(kind="error", stage=GENERATE_STAGE, message=str(exc)))
-        raise
 
 
 def _resolved_request(request: GenerationRequest, model: _Model) -> tuple[GenerationRequest, list[int]]:
