@@ -40,6 +40,7 @@ from training_tools.emoji_world.compose import (  # noqa: E402
     sample_request,
 )
 from training_tools.emoji_world.curation import (  # noqa: E402
+    INCLUDED,
     candidate_emoji,
     curate,
     is_excluded,
@@ -70,7 +71,7 @@ NUM_CLASSES = 8
 
 @pytest.fixture(scope="module")
 def classes() -> list:
-    return curate(NUM_CLASSES, seed=3)
+    return curate(NUM_CLASSES, seed=3, include=())  # the farthest-point picks: the most distinct
 
 
 def _box_iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
@@ -85,11 +86,17 @@ def _box_iou(a: tuple[int, ...], b: tuple[int, ...]) -> float:
 
 
 def test_curation_is_deterministic_and_distinct_per_seed(classes: list) -> None:
-    again = curate(NUM_CLASSES, seed=3)
+    again = curate(NUM_CLASSES, seed=3, include=())
     assert again == classes
+    assert {c.name for c in curate(NUM_CLASSES, seed=3)} <= set(INCLUDED)  # the README's objects first
     assert len({c.name for c in classes}) == NUM_CLASSES
-    other = curate(NUM_CLASSES, seed=4)
-    assert [c.name for c in other] != [c.name for c in classes]
+    # With room beyond the included emoji the seed decides the rest; without includes, all of it.
+    assert [c.name for c in curate(NUM_CLASSES, seed=4, include=())] != [
+        c.name for c in curate(NUM_CLASSES, seed=3, include=())
+    ]
+    wider = [c.name for c in curate(24, seed=3)]
+    assert set(INCLUDED) <= set(wider)
+    assert wider != [c.name for c in curate(24, seed=4)]
     for cls in classes:
         assert render.glyph_sprite(cls.char) is not None
         assert len(cls.backgrounds) >= 4 and set(cls.backgrounds) <= set(render.PALETTE)

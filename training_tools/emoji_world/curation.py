@@ -15,7 +15,7 @@ import functools
 import json
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -35,6 +35,24 @@ THUMB_SIZE = 24
 FOREGROUND_DISTANCE = 60.0
 MAX_HIDDEN_FRACTION = 0.12
 MIN_CLASSES, MAX_CLASSES = 8, 400
+# Emoji every class list contains (when it has room): the objects of the prompts the README, the
+# model card and the showcase images use, so those prompts name things the built-in model knows.
+INCLUDED: tuple[str, ...] = (
+    "red apple",
+    "pizza",
+    "dog",
+    "unicorn",
+    "shark",
+    "sailboat",
+    "ghost",
+    "banana",
+    "mushroom",
+    "airplane",
+    "sun",
+    "dolphin",
+    "crown",
+    "zebra",
+)
 MIN_BACKGROUNDS = 4  # a class must show on at least this many palette colours
 
 _EXCLUDED_RANGES = (
@@ -263,10 +281,12 @@ def farthest_point_sampling(
     count: int,
     seed: int,
     accept: Callable[[int], bool] = lambda _: True,
+    first: Sequence[int] = (),
 ) -> list[int]:
     """Indices of ``count`` rows of ``features`` [N, D] chosen greedily far from those already chosen.
 
-    The first pick is random among the highest-weight rows (seeded); each next pick maximises
+    ``first`` rows are chosen before any other (those ``accept`` refuses raise ValueError). Then the
+    next pick is random among the highest-weight rows (seeded); each next pick maximises
     weight * (distance to the nearest chosen row). A pick that ``accept`` refuses is skipped for good.
     Deterministic for a seed. Raises ValueError when fewer than ``count`` rows are accepted.
     """
@@ -275,8 +295,17 @@ def farthest_point_sampling(
     weights = weights.astype(np.float64).copy()
     chosen: list[int] = []
     nearest = np.full(len(features), np.inf, dtype=np.float32)
+    for pick in dict.fromkeys(first):
+        if len(chosen) == count:
+            break
+        if not accept(pick):
+            raise ValueError(f"row {pick} is required but not accepted")
+        weights[pick] = 0.0
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.sqrt(((features - features[pick]) ** 2).sum(axis=1)))
+    forced = len(chosen)
     while len(chosen) < count:
-        if not chosen:
+        if len(chosen) == forced:
             top = np.flatnonzero(weights == weights.max())
             pick = int(rng.choice(top))
         else:
@@ -364,10 +393,14 @@ def _usable_candidates() -> tuple[tuple[Candidate, np.ndarray], ...]:
     return tuple(usable)
 
 
-def curate(num_classes: int = 200, seed: int = 0, max_aliases: int = 3) -> list[EmojiClass]:
+def curate(
+    num_classes: int = 200, seed: int = 0, max_aliases: int = 3, include: Sequence[str] = INCLUDED
+) -> list[EmojiClass]:
     """The ``num_classes`` classes of the emoji world for ``seed`` (deterministic for a seed and font).
 
-    Raises ConfigError when num_classes is outside [8, 400] or more than the candidates available.
+    The emoji named in ``include`` are chosen first (as many as fit in ``num_classes``), the rest by
+    farthest-point sampling. Raises ConfigError when num_classes is outside [8, 400] or more than
+    the candidates available, or when an included name is not a usable emoji.
     """
     if not MIN_CLASSES <= num_classes <= MAX_CLASSES:
         raise ConfigError(
@@ -378,6 +411,12 @@ def curate(num_classes: int = 200, seed: int = 0, max_aliases: int = 3) -> list[
         raise ConfigError("num_classes", f"only {len(usable)} emoji qualify", allowed=f"<= {len(usable)}")
     features = np.stack([thumbnail_features(s) for _, s in usable])
     weights = np.asarray([CATEGORY_WEIGHT[c.category] for c, _ in usable])
+    index_of = {c.name: i for i, (c, _) in enumerate(usable)}
+    missing = [name for name in include if name not in index_of]
+    if missing:
+        raise ConfigError(
+            "include", f"{missing} are not usable emoji names (one silhouette, visible on enough colours)"
+        )
     backgrounds: dict[int, tuple[str, ...]] = {}
 
     def accept(index: int) -> bool:
@@ -386,7 +425,11 @@ def curate(num_classes: int = 200, seed: int = 0, max_aliases: int = 3) -> list[
         return len(backgrounds[index]) >= MIN_BACKGROUNDS
 
     try:
-        picked = sorted(farthest_point_sampling(features, weights, num_classes, seed, accept))
+        picked = sorted(
+            farthest_point_sampling(
+                features, weights, num_classes, seed, accept, first=[index_of[n] for n in include]
+            )
+        )
     except ValueError as exc:
         raise ConfigError("num_classes", f"too many classes requested ({exc})") from None
     names = [usable[i][0].name for i in picked]

@@ -30,7 +30,7 @@ from .curation import EmojiClass, curate, load_classes, save_classes
 from .render import font_sha256
 
 GENERATOR_SALT = 1  # rng stream of the generator's training images; the classifier uses others
-DEFAULT_MIX = {"single": 0.35, "count": 0.15, "two": 0.1, "position": 0.3, "row": 0.1}
+DEFAULT_MIX = {"single": 0.45, "count": 0.12, "two": 0.08, "position": 0.25, "row": 0.1}
 METADATA = "metadata.jsonl"
 CLASSES = "classes.json"
 BUILD = "build.json"

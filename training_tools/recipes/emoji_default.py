@@ -10,8 +10,8 @@ Stages (each skipped when its output exists, each resumable from its last checkp
 3. ``teacher``      ``tiny-emoji-teacher`` (33 M) trained with flow matching (``pretrain``)
 4. ``distill``      ``tiny-emoji-student`` (8.9 M) from scratch with multi-level KD from the teacher
 5. ``ablation``     the same student without distillation for the same wall-time budget and
-                    threads (the paper's ablation); it needs no teacher, so with ``parallel`` it
-                    runs beside the teacher (use ``--threads 1``: one core each)
+                    threads (the paper's ablation); with ``parallel`` it runs beside the distilled
+                    student, both with ``pair_threads`` (one core each), so both see the same machine
 6. ``step_distill`` adversarial step distillation of the distilled student to 4 Euler steps
 7. ``export``       ``snapgen export`` -> int8 (+ fp32) runtime bundle
 8. ``eval``         EmojiEval of every model above (+ int8 against fp32 on the bundle)
@@ -59,10 +59,10 @@ STAGES: tuple[str, ...] = (
 # Shares of the wall-time budget of the stages that have one (the rest is caching, export, eval).
 # The teacher trains ~2.6x slower per sample than the student, so it gets the largest share.
 DEFAULT_SHARES: dict[str, float] = {
-    "autoencoder": 0.12,
-    "teacher": 0.36,
-    "distill": 0.25,
-    "step_distill": 0.12,
+    "autoencoder": 0.10,
+    "teacher": 0.42,
+    "distill": 0.28,
+    "step_distill": 0.10,
 }
 TEACHER_PRESET = "tiny-emoji-teacher"
 STUDENT_PRESET = "tiny-emoji-student"
@@ -87,7 +87,7 @@ class RecipeConfig(ConfigBase):
     autoencoder_preset: str = AUTOENCODER_PRESET
     num_images: int = 30000
     denoiser_images: int = 0  # 0 = all of them (fewer = a cheaper latent/text cache)
-    num_classes: int = 200
+    num_classes: int = 150
     class_seed: int = 0
     autoencoder_max_images: int = 6000
     batch_size: int = 32
@@ -102,8 +102,9 @@ class RecipeConfig(ConfigBase):
     teacher_steps_for_targets: int = 8  # teacher Euler steps per 4-step trajectory (2 per student step)
     adv_weight: float = 0.1
     checkpoint_every: int = 200
-    threads: int = 2
-    parallel: bool = True  # the ablation student beside the teacher (use threads=1 then)
+    threads: int = 2  # torch threads of a stage that runs alone
+    pair_threads: int = 1  # threads of each of the two students when they run side by side
+    parallel: bool = True  # the no-distillation student beside the distilled one
     ablation: bool = True
     classifier: str = ""  # EmojiEval classifier directory; empty = train one under OUT/classifier
     classifier_minutes: float = 7.0
@@ -124,6 +125,7 @@ class RecipeConfig(ConfigBase):
         require(0 <= self.denoiser_images <= self.num_images, "denoiser_images", "must be in [0, num_images]")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.threads >= 1, "threads", "must be >= 1")
+        require(self.pair_threads >= 1, "pair_threads", "must be >= 1")
         require(self.eval_per_category >= 1, "eval_per_category", "must be >= 1")
 
     def minutes(self, stage: str) -> float:
@@ -328,7 +330,7 @@ class Recipe:
         )
         self.run_trainer("teacher", cfg, self.cfg.minutes("teacher"))
 
-    def stage_distill(self) -> None:
+    def stage_distill(self, threads: int | None = None) -> None:
         teacher = self.final("teacher")
         cfg = self.train_config(
             "distill",
@@ -338,12 +340,13 @@ class Recipe:
             model={"text_path": str(teacher / "text_conditioner"), "train_text": False},
             teacher={"kind": "snapgen", "path": str(teacher / "unet")},
             kd={"scaling": "timestep_aware", "output_weight": 1.0, "feature_weight": 1.0},
+            cpu_threads=threads or self.cfg.threads,
         )
-        self.run_trainer("distill", cfg, self.cfg.minutes("distill"))
+        self.run_trainer("distill", cfg, self.cfg.minutes("distill"), threads=threads)
 
     def stage_ablation(self, threads: int | None = None) -> None:
         """The same student without distillation, for the same wall-time budget and threads as the
-        distilled one (it needs no teacher, so it can run beside the teacher)."""
+        distilled one (with ``parallel``, beside it)."""
         cfg = self.train_config(
             "ablation",
             stage="pretrain",
@@ -375,17 +378,22 @@ class Recipe:
         )
         self.run_trainer("step_distill", cfg, self.cfg.minutes("step_distill"), threads=threads)
 
-    def stage_teacher_and_ablation(self) -> None:
-        """The teacher, with the no-distillation student beside it in a background thread (one
-        thread each; joined by :meth:`join_ablation` before its evaluation) when ``parallel``."""
-        if self.cfg.ablation and self.cfg.parallel and self._ablation_thread is None:
+    def stage_distill_and_ablation(self) -> None:
+        """The distilled student, with the no-distillation student beside it in a background thread
+        when ``parallel`` (``pair_threads`` each, the same wall-time budget; joined by
+        :meth:`join_ablation`)."""
+        if not (self.cfg.ablation and self.cfg.parallel):
+            self.stage_distill()
+            return
+        if self._ablation_thread is None:
             self._ablation_thread = threading.Thread(target=self._ablation_worker, name="ablation")
             self._ablation_thread.start()
-        self.stage_teacher()
+        self.stage_distill(threads=self.cfg.pair_threads)
+        self.join_ablation()
 
     def _ablation_worker(self) -> None:
         try:
-            self.stage_ablation()
+            self.stage_ablation(threads=self.cfg.pair_threads)
         except BaseException as exc:  # re-raised by join_ablation
             self._ablation_error = exc
 
@@ -556,7 +564,7 @@ class Recipe:
                     "--minutes",
                     str(self.cfg.classifier_minutes),
                     "--threads",
-                    "1",
+                    str(self.cfg.threads),
                 ],
             )
         return path
@@ -662,8 +670,8 @@ class Recipe:
         steps: dict[str, Callable[[], Any]] = {
             "dataset": self.stage_dataset,
             "autoencoder": self.stage_autoencoder,
-            "teacher": self.stage_teacher_and_ablation,  # runs the ablation beside it
-            "distill": self.stage_distill,
+            "teacher": self.stage_teacher,
+            "distill": self.stage_distill_and_ablation,  # runs the ablation beside it
             "step_distill": self.stage_step_distill,
             "export": self.stage_export,
             "eval": self.stage_eval,
@@ -672,7 +680,7 @@ class Recipe:
         started = time.monotonic()
         for stage in stages:
             if stage == "ablation":
-                if self.cfg.ablation and not (self.cfg.parallel and "teacher" in stages):
+                if self.cfg.ablation and not (self.cfg.parallel and "distill" in stages):
                     self.stage_ablation()
                 continue
             t0 = time.monotonic()
@@ -792,14 +800,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-images", type=int, default=30000)
     p.add_argument("--denoiser-images", type=int, default=0, help="images the denoisers train on (0 = all)")
-    p.add_argument("--num-classes", type=int, default=200)
+    p.add_argument("--num-classes", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of a stage that runs alone")
+    p.add_argument(
+        "--pair-threads", type=int, default=1, help="threads of each student when the two run side by side"
+    )
     p.add_argument("--classifier", default="", help="EmojiEval classifier directory (default: train one)")
     p.add_argument("--eval-per-category", type=int, default=80)
     p.add_argument("--no-ablation", action="store_true", help="skip the no-distillation student")
     p.add_argument(
-        "--sequential", action="store_true", help="ablation and step distillation one after the other"
+        "--sequential", action="store_true", help="the no-distillation student after the distilled one, not beside it"
     )
     p.add_argument(
         "--stages", default=",".join(s for s in STAGES if s != "ship"), help="comma-separated stages to run"
@@ -830,6 +841,7 @@ def config_from_args(args: argparse.Namespace) -> RecipeConfig:
         num_classes=args.num_classes,
         batch_size=args.batch_size,
         threads=args.threads,
+        pair_threads=args.pair_threads,
         classifier=args.classifier,
         eval_per_category=args.eval_per_category,
         ablation=not args.no_ablation,
