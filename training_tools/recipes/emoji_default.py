@@ -810,7 +810,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-category", type=int, default=80)
     p.add_argument("--no-ablation", action="store_true", help="skip the no-distillation student")
     p.add_argument(
-        "--sequential", action="store_true", help="the no-distillation student after the distilled one, not beside it"
+        "--sequential",
+        action="store_true",
+        help="the no-distillation student after the distilled one, not beside it",
     )
     p.add_argument(
         "--stages", default=",".join(s for s in STAGES if s != "ship"), help="comma-separated stages to run"
