@@ -141,6 +141,9 @@ def is_pickle_name(name: str) -> bool:
 # the manifest
 
 
+NULL_CONDITIONS = ("empty_prompt", "zeros")
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder: its default ONNX file, its tokenizer file and its output sizes."""
@@ -170,21 +173,33 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``bundle.json["model"]``. ``unet``/``decoder`` are the config dicts of snapgen_app.config."""
+    """``bundle.json["model"]``. ``unet``/``decoder`` are the config dicts of snapgen_app.config.
+
+    ``null_condition`` is the unconditional input of classifier-free guidance, the text dropout the
+    model was trained with: ``empty_prompt`` (the encoders' output for "") or ``zeros`` (all-zero
+    tokens and pooled vector). Optional in the file; absent means ``empty_prompt``.
+    """
 
     unet: dict[str, Any]
     decoder: dict[str, Any]
     text_encoders: tuple[TextEncoderSpec, ...]
     latent_channels: int
     vae_scale_factor: int
+    null_condition: str = "empty_prompt"
 
     @classmethod
     def from_dict(cls, raw: object) -> ModelSpec:
         keys = ("unet", "decoder", "text_encoders", "latent_channels", "vae_scale_factor")
-        data = _check_keys(raw, "model", keys)
+        data = _check_keys(raw, "model", keys, optional=("null_condition",))
         encoders = data["text_encoders"]
         if not isinstance(encoders, list):
             raise ManifestError("bundle.json: model.text_encoders must be a list")
+        null_condition = data.get("null_condition", "empty_prompt")
+        if null_condition not in NULL_CONDITIONS:
+            raise ManifestError(
+                f"bundle.json: model.null_condition must be one of {list(NULL_CONDITIONS)}, "
+                f"got {null_condition!r}"
+            )
         return cls(
             unet=_dict(data["unet"], "model.unet"),
             decoder=_dict(data["decoder"], "model.decoder"),
@@ -194,6 +209,7 @@ class ModelSpec:
             ),
             latent_channels=_int(data["latent_channels"], "model.latent_channels", minimum=1),
             vae_scale_factor=_int(data["vae_scale_factor"], "model.vae_scale_factor", minimum=1),
+            null_condition=null_condition,
         )
 
 
@@ -421,6 +437,7 @@ class BundleManifest:
                 "text_encoders": [dataclasses.asdict(spec) for spec in self.model.text_encoders],
                 "latent_channels": self.model.latent_channels,
                 "vae_scale_factor": self.model.vae_scale_factor,
+                "null_condition": self.model.null_condition,
             },
             "defaults": dataclasses.asdict(self.defaults),
             "variants": {p: v.to_dict() for p, v in self.variants.items()},

@@ -350,7 +350,10 @@ class DecoderConfig(ConfigBase):
     ``block_out_channels`` runs from the lowest resolution (the latent's) to the highest; each step
     to the next entry is one 2x upsampling, so the scale factor is ``2 ** (len - 1)``. Every stage
     has ``layers_per_block`` residual blocks made of separable convs (depthwise 3x3 + pointwise,
-    the pointwise widening by ``expansion``).
+    the pointwise widening by ``expansion``). ``norm_stages``: how many of the lowest-resolution
+    stages use GroupNorm + SiLU; the rest are norm-free with ReLU (None = all stages normalise).
+    ``stage_layers``: residual blocks per stage, lowest resolution first (None = ``layers_per_block``
+    in every stage).
     """
 
     latent_channels: int = 16
@@ -359,6 +362,8 @@ class DecoderConfig(ConfigBase):
     layers_per_block: int = 2
     expansion: int = 2
     norm_groups: int = 16
+    norm_stages: int | None = None
+    stage_layers: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         require(self.latent_channels > 0, "latent_channels", f"{self.latent_channels} must be positive")
@@ -367,6 +372,19 @@ class DecoderConfig(ConfigBase):
         require(self.layers_per_block >= 1, "layers_per_block", f"{self.layers_per_block} must be >= 1")
         require(1 <= self.expansion <= 8, "expansion", f"{self.expansion} is out of range", allowed="1-8")
         require(self.norm_groups >= 1, "norm_groups", f"{self.norm_groups} must be >= 1")
+        require(
+            self.norm_stages is None or 0 <= self.norm_stages <= len(self.block_out_channels),
+            "norm_stages",
+            f"{self.norm_stages} is out of range",
+            allowed=f"None or 0-{len(self.block_out_channels)}",
+        )
+        if self.stage_layers is not None:
+            require(
+                len(self.stage_layers) == len(self.block_out_channels) and min(self.stage_layers) >= 0,
+                "stage_layers",
+                f"{self.stage_layers} needs one count >= 0 per stage",
+                allowed=f"{len(self.block_out_channels)} counts",
+            )
 
     @property
     def scale_factor(self) -> int:

@@ -182,3 +182,33 @@ def test_inconsistent_autoencoder_configs_are_refused() -> None:
         DecoderConfig(block_out_channels=(24,), norm_groups=16)
     with pytest.raises(ConfigError, match="unknown field"):
         AutoencoderConfig.from_dict({"latent_channel": 16})
+
+
+def test_norm_free_high_resolution_stages_and_per_stage_depth() -> None:
+    """``norm_stages`` keeps GroupNorm in the low-resolution stages only; ``stage_layers`` sets the
+    depth per stage. Old configs (neither field) build the all-normalised decoder they were saved with."""
+    config = DecoderConfig(
+        block_out_channels=(32, 16, 16, 8), norm_groups=4, norm_stages=2, stage_layers=(2, 2, 1, 0)
+    )
+    decoder = TinyDecoder(config)
+    blocks = [[m for m in stage if isinstance(m, SeparableResBlock)] for stage in decoder.stages]
+    assert [len(b) for b in blocks] == [2, 2, 1, 0]
+    assert all(isinstance(b.norm1, nn.GroupNorm) for b in blocks[0] + blocks[1])
+    assert all(isinstance(b.norm1, nn.Identity) and isinstance(b.norm2, nn.Identity) for b in blocks[2])
+    assert isinstance(decoder.norm_out, nn.Identity)
+    block = blocks[2][0]
+    x = torch.randn(1, 16, 8, 8)
+    assert torch.equal(block(x), x)  # still the identity at initialisation
+    assert decoder(torch.randn(1, 16, 4, 4)).shape == (1, 3, 32, 32)
+    old = DecoderConfig.from_dict(
+        {k: v for k, v in DecoderConfig().to_dict().items() if k not in ("norm_stages", "stage_layers")}
+    )
+    assert all(
+        isinstance(m.norm1, nn.GroupNorm)
+        for m in TinyDecoder(old).modules()
+        if isinstance(m, SeparableResBlock)
+    )
+    with pytest.raises(ConfigError, match="stage_layers"):
+        DecoderConfig(stage_layers=(1, 1))
+    with pytest.raises(ConfigError, match="norm_stages"):
+        DecoderConfig(norm_stages=5)

@@ -43,6 +43,7 @@ from snapgen_app.model.presets import unet_preset  # noqa: E402
 from snapgen_app.model.quantize import make_session  # noqa: E402
 from snapgen_app.model.text_encoders import TextConditioner, minilm_model_dir  # noqa: E402
 from snapgen_app.model.unet import SnapGenUNet  # noqa: E402
+from snapgen_app.pipeline.text_to_image import TextToImagePipeline  # noqa: E402
 
 CONTEXT_DIM = 32
 TEXT_WIDTH = 32
@@ -134,6 +135,10 @@ def test_bundle_verifies_and_records_parity_and_provenance(bundle: Path, checkpo
     assert manifest.model.text_encoders[0].tokenizer == "tokenizer.json"
     assert manifest.model.text_encoders[0].hidden_size == CONTEXT_DIM
     assert manifest.model.latent_channels == 16 and manifest.model.vae_scale_factor == 8
+    # CFG's unconditional input is the checkpoint's text dropout (TextConditionerConfig default: zeros)
+    assert manifest.model.null_condition == "zeros"
+    pipe = TextToImagePipeline(bundle, manifest, "fp32", ["CPUExecutionProvider"])
+    assert pipe.null_condition == "zeros"
     assert manifest.defaults.width == 128
     for precision, variant in manifest.variants.items():
         assert set(variant.parity) == {"text_encoder_0", "unet", "decoder"}

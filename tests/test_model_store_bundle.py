@@ -45,10 +45,21 @@ def test_write_then_read_round_trip(tmp_path: Path) -> None:
         "tokenizer.json",
     )
     assert read.precisions == ("fp32", "int8")
+    assert read.model.null_condition == "empty_prompt"
     with pytest.raises(ManifestError, match=r"no 'fp16' variant; available: \['fp32', 'int8'\]"):
         read.variant("fp16")
     # no temp file left behind by the atomic write
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_null_condition_is_optional_and_round_trips(tmp_path: Path) -> None:
+    """Bundles written before the field existed read as ``empty_prompt``; ``zeros`` survives a write."""
+    make_bundle(tmp_path / "b")
+    _edit_manifest(tmp_path / "b", lambda r: r["model"].pop("null_condition"))
+    assert read_manifest(tmp_path / "b").model.null_condition == "empty_prompt"
+    _edit_manifest(tmp_path / "b", lambda r: r["model"].update(null_condition="zeros"))
+    assert read_manifest(tmp_path / "b").model.null_condition == "zeros"
+    assert read_manifest(tmp_path / "b").to_dict()["model"]["null_condition"] == "zeros"
 
 
 def test_verify_reports_each_status(tmp_path: Path) -> None:
@@ -115,6 +126,7 @@ def _edit_manifest(folder: Path, edit) -> None:
         ),
         (lambda r: r["defaults"].update(steps=True), "defaults.steps must be an integer"),
         (lambda r: r["files"]["unet.int8.onnx"].update(sha256="XYZ"), "64 lowercase hex"),
+        (lambda r: r["model"].update(null_condition="noise"), "model.null_condition must be one of"),
     ],
 )
 def test_manifest_rejects_bad_fields(tmp_path: Path, edit, message: str) -> None:

@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
     from snapgen_app import service  # imported here so `snapgen --help` stays light
 
     if is_remote_target(args.device):  # the whole loop runs on a phone/board: snapgen_app.devices
-        return run_generate_on_device(args, request_from_args(argparse.Namespace(**{**vars(args), "device": "auto"})))
+        return run_generate_on_device(
+            args, request_from_args(argparse.Namespace(**{**vars(args), "device": "auto"}))
+        )
     request = request_from_args(args)
     result = service.generate(request, on_event=_progress_printer(sys.stderr))
     if args.json:

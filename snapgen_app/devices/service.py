@@ -870,6 +870,7 @@ def _generate_on_device(
             "guidance_scale": float(resolved.guidance_scale or 0.0),
             "latent_channels": model.manifest.model.latent_channels,
             "vae_scale_factor": model.manifest.model.vae_scale_factor,
+            "null_condition": model.manifest.model.null_condition,
             "width": int(resolved.width or 0),
             "height": int(resolved.height or 0),
             "ep": ep,

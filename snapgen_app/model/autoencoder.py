@@ -50,24 +50,31 @@ def separable_conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.S
 class SeparableResBlock(nn.Module):
     """x + f(x), f = GN -> SiLU -> dw3x3 -> pw(C->eC) -> GN -> SiLU -> dw3x3 -> pw(eC->C, zero init).
 
+    With ``norm=False``: f = ReLU -> dw3x3 -> pw(C->eC) -> ReLU -> dw3x3 -> pw(eC->C, zero init), no
+    normalisation (TAESD-style). On a CPU that is what makes a high-resolution stage fast: ONNX Runtime
+    exports GroupNorm as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, each a pass over
+    the largest tensors of the network and a layout change out of and back into its blocked (NCHWc)
+    convolutions, while a ReLU fuses into the convolution before it.
+
     Input and output [B, C, H, W]. The zero-initialised last conv makes the block the identity at
     initialisation.
     """
 
-    def __init__(self, channels: int, expansion: int, norm_groups: int) -> None:
+    def __init__(self, channels: int, expansion: int, norm_groups: int, norm: bool = True) -> None:
         super().__init__()
         inner = channels * expansion
-        self.norm1 = nn.GroupNorm(norm_groups, channels)
+        self.norm1: nn.Module = nn.GroupNorm(norm_groups, channels) if norm else nn.Identity()
         self.conv1 = separable_conv(channels, inner)
-        self.norm2 = nn.GroupNorm(norm_groups, inner)
+        self.norm2: nn.Module = nn.GroupNorm(norm_groups, inner) if norm else nn.Identity()
         self.conv2 = separable_conv(inner, channels)
+        self.act = F.silu if norm else F.relu
         last = cast(nn.Conv2d, self.conv2[1])
         nn.init.zeros_(last.weight)
         nn.init.zeros_(cast(torch.Tensor, last.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
         return x + h
 
 
@@ -86,31 +93,39 @@ class Upsample(nn.Module):
 class TinyDecoder(nn.Module):
     """Raw latent [B, latent_channels, h, w] float32 -> image [B, out_channels, h*f, w*f] (unbounded).
 
-    f = ``config.scale_factor``. No attention anywhere; see :class:`SeparableResBlock`.
+    f = ``config.scale_factor``. No attention anywhere; see :class:`SeparableResBlock`. Only the
+    ``config.norm_stages`` lowest-resolution stages (all when None) normalise; the output head
+    normalises only when the last stage does.
     """
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
         channels = config.block_out_channels
+        normed = len(channels) if config.norm_stages is None else config.norm_stages
+        layers = config.stage_layers or (config.layers_per_block,) * len(channels)
         self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
         self.stages = nn.ModuleList()
         for index, width in enumerate(channels):
             blocks: list[nn.Module] = [
-                SeparableResBlock(width, config.expansion, config.norm_groups)
-                for _ in range(config.layers_per_block)
+                SeparableResBlock(width, config.expansion, config.norm_groups, norm=index < normed)
+                for _ in range(layers[index])
             ]
             if index + 1 < len(channels):
                 blocks.append(Upsample(width, channels[index + 1]))
             self.stages.append(nn.Sequential(*blocks))
-        self.norm_out = nn.GroupNorm(config.norm_groups, channels[-1])
+        last_normed = normed >= len(channels)
+        self.norm_out: nn.Module = (
+            nn.GroupNorm(config.norm_groups, channels[-1]) if last_normed else nn.Identity()
+        )
+        self.act_out = F.silu if last_normed else F.relu
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(latent)
         for stage in self.stages:
             h = stage(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.act_out(self.norm_out(h)))
 
 
 class TinyEncoder(nn.Module):

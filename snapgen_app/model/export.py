@@ -972,6 +972,8 @@ def export_bundle(
                 text_encoders=tuple(encoder_specs),
                 latent_channels=latent_channels,
                 vae_scale_factor=scale,
+                # CFG's unconditional input is what text dropout fed the model in training.
+                null_condition=conditioner.config.drop_mode,
             ),
             defaults=Defaults(**dataclasses.asdict(defaults)),
             variants=variants,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class TextToImagePipeline:
         providers: Sequence[str],
         options: RuntimeOptions | None = None,
         sessions: SessionCache | None = None,
-        null_condition: NullCondition = "empty_prompt",
+        null_condition: NullCondition | None = None,
     ) -> None:
         self.root = Path(root)
         self.manifest = manifest
@@ -116,9 +116,11 @@ class TextToImagePipeline:
         self.decoder = cache.get(self.root / variant.decoder, self.providers, self.options)
         self._text: TextEncoderStack | None = None
         self._preview_projection: np.ndarray | None = None
+        # None: what the bundle records (the text dropout the model was trained with)
+        null_condition = null_condition or cast(NullCondition, manifest.model.null_condition)
         if null_condition not in ("empty_prompt", "zeros"):
             raise ConfigError("null_condition", f"{null_condition!r}", allowed=["empty_prompt", "zeros"])
-        self.null_condition = null_condition
+        self.null_condition: NullCondition = null_condition
 
     # -- loading -------------------------------------------------------------------------------
 
