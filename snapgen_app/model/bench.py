@@ -67,6 +67,7 @@ class BenchSettings:
     calib_steps: int = 4
     train_seconds: float = 90.0
     archs: tuple[str, ...] = ("snapgen-t2i", "sd15", "sdxl")
+    calib_attention_budget_gb: float = 0.25  # attention scores per layer that int8 calibration may hold
     sdxl_in_onnx: bool = False  # SDXL's export + int8 calibration does not fit 24 GB shared
     ort_attention_budget_gb: float = 4.0  # above this, a graph's attention scores won't fit ORT
     # torchscript: same graphs as dynamo for these UNets (no enable_gqa), 5-10x faster to export and
@@ -320,14 +321,11 @@ def job_peak(precision: str, n: int, runs: int) -> dict[str, Any]:
     }
 
 
-def job_export_unet(
-    arch: str, workdir: str, precisions: list[str], calib: dict[str, int], exporter: str = "torchscript"
-) -> dict[str, Any]:
-    """Build ``arch`` (random weights), export fp32 ONNX, quantize int8 on recorded trajectories."""
+def job_export_unet(arch: str, workdir: str, exporter: str = "torchscript") -> dict[str, Any]:
+    """Build ``arch`` (random weights, seeded) and export it to fp32 ONNX."""
     import torch
 
     from snapgen_app.model.export import export_unet
-    from snapgen_app.model.quantize import collect_trajectories, quantize_static_int8
 
     torch.set_num_threads(THREADS)
     out = Path(workdir)
@@ -335,35 +333,59 @@ def job_export_unet(
     io = unet_io_for(arch, unet)
     start = time.perf_counter()
     graph = export_unet(unet, out / f"{arch}.fp32.onnx", io, example_latent=(32, 32), exporter=exporter)  # type: ignore[arg-type]
-    result: dict[str, Any] = {
+    return {
         "fp32": str(graph.path),
         "export_s": time.perf_counter() - start,
         "dynamic": graph.dynamic_axes,
+        "peak_rss_gb": peak_rss_bytes() / 1e9,
     }
-    if "int8" in precisions:
-        generator = torch.Generator().manual_seed(5)
-        contexts = []
-        for _ in range(calib["prompts"]):
-            tokens = torch.randn(1, io.tokens, io.context_dim, generator=generator)
-            pooled = torch.randn(1, io.pooled_dim, generator=generator) if io.pooled_dim else None
-            contexts.append((tokens, pooled))
-        latent = calib["px"] // 8
-        start = time.perf_counter()
-        traj = collect_trajectories(
-            unet, contexts, latent_shape=(io.latent_channels, latent, latent), steps=calib["steps"]
-        )
-        del unet
-        quant = quantize_static_int8(graph.path, out / f"{arch}.int8.onnx", traj.unet_feeds)
-        result.update(
-            int8=str(quant.path),
-            quantize_s=time.perf_counter() - start,
-            int8_quantized_nodes=len(quant.quantized_nodes),
-            int8_kept_nodes=len(quant.kept_in_higher_precision),
-            calib_timesteps=[round(t, 3) for t in traj.timesteps],
-        )
-        np.savez(out / f"{arch}.decoder_calib.npz", *[f["latent"] for f in traj.decoder_feeds])
-    result["peak_rss_gb"] = peak_rss_bytes() / 1e9
-    return result
+
+
+def job_quantize_unet(arch: str, workdir: str, calib: dict[str, int]) -> dict[str, Any]:
+    """int8 static QDQ of ``arch``'s fp32 graph, calibrated on Euler trajectories of the same seeded
+    torch model (its own process, so a calibration that runs out of memory leaves the fp32 graph)."""
+    import torch
+
+    from snapgen_app.model.quantize import collect_trajectories, quantize_static_int8
+
+    torch.set_num_threads(THREADS)
+    out = Path(workdir)
+    unet = build_unet(arch)
+    io = unet_io_for(arch, unet)
+    generator = torch.Generator().manual_seed(5)
+    contexts = []
+    for _ in range(calib["prompts"]):
+        tokens = torch.randn(1, io.tokens, io.context_dim, generator=generator)
+        pooled = torch.randn(1, io.pooled_dim, generator=generator) if io.pooled_dim else None
+        contexts.append((tokens, pooled))
+    latent = calib["px"] // 8
+    start = time.perf_counter()
+    traj = collect_trajectories(
+        unet, contexts, latent_shape=(io.latent_channels, latent, latent), steps=calib["steps"]
+    )
+    del unet
+    quant = quantize_static_int8(out / f"{arch}.fp32.onnx", out / f"{arch}.int8.onnx", traj.unet_feeds)
+    np.savez(out / f"{arch}.decoder_calib.npz", *[f["latent"] for f in traj.decoder_feeds])
+    return {
+        "int8": str(quant.path),
+        "quantize_s": time.perf_counter() - start,
+        "int8_quantized_nodes": len(quant.quantized_nodes),
+        "int8_kept_nodes": len(quant.kept_in_higher_precision),
+        "calib_px": calib["px"],
+        "calib_timesteps": [round(t, 3) for t in traj.timesteps],
+        "peak_rss_gb": peak_rss_bytes() / 1e9,
+    }
+
+
+def calibration_px(arch: str, px: int, budget_gb: float) -> int:
+    """The largest calibration size up to ``px`` (halving) whose attention scores fit ``budget_gb``.
+
+    Calibration records every tensor that feeds a MatMul, attention scores included, so SD1.5's
+    full-resolution attention (0.5 GB per layer at 512 px, 16 layers) does not fit beside the model.
+    """
+    while px > 64 and attention_score_gb(arch, px) > budget_gb:
+        px //= 2
+    return px
 
 
 def job_time_onnx(path: str, inputs: dict[str, list[Any]], runs: int, warmup: int) -> dict[str, Any]:
@@ -718,6 +740,7 @@ def _fallback_tiny_config() -> Any:
 JOBS: dict[str, Callable[..., dict[str, Any]]] = {
     "peak": job_peak,
     "export_unet": job_export_unet,
+    "quantize_unet": job_quantize_unet,
     "time_onnx": job_time_onnx,
     "time_torch_unet": job_time_torch_unet,
     "export_decoder": job_export_decoder,
@@ -822,15 +845,29 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
                 )
                 continue
             log(f"export {arch}")
-            exported[arch] = run_job(
-                "export_unet",
-                log,
-                arch=arch,
-                workdir=work,
-                precisions=["fp32", "int8"],
-                calib=calib,
-                exporter=settings.exporter,
-            )
+            exported[arch] = run_job("export_unet", log, arch=arch, workdir=work, exporter=settings.exporter)
+            if "error" in exported[arch]:
+                report["notes"].append(
+                    f"{arch}: ONNX export failed ({exported[arch]['error']}); not timed in ONNX Runtime."
+                )
+                continue
+            arch_calib = {
+                **calib,
+                "px": calibration_px(arch, calib["px"], settings.calib_attention_budget_gb),
+            }
+            if arch_calib["px"] != calib["px"]:
+                report["notes"].append(
+                    f"{arch} int8 is calibrated at {arch_calib['px']} px, not {calib['px']} px: calibration keeps "
+                    f"its {attention_score_gb(arch, calib['px']):.1f} GB attention scores per layer in memory."
+                )
+            quant = run_job("quantize_unet", log, arch=arch, workdir=work, calib=arch_calib)
+            if "error" in quant:
+                report["notes"].append(
+                    f"{arch}: int8 quantization failed ({quant['error']}); only fp32 is timed."
+                )
+            else:
+                exported[arch].update({k: v for k, v in quant.items() if k != "peak_rss_gb"})
+                exported[arch]["quantize_peak_rss_gb"] = quant["peak_rss_gb"]
 
         for arch in settings.archs:
             for px in settings.resolutions:

@@ -333,6 +333,9 @@ def quantize_static_int8(
                 "ActivationSymmetric": False,
                 # MatMul weights are [K, N]: one scale per output column.
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": -1},
+                # Merge the min/max of each calibration input as it comes (the same ranges) instead of
+                # holding every recorded tensor of every input until the end.
+                "CalibMaxIntermediateOutputs": 1,
             },
         )
     return QuantizationResult(out_path, tuple(to_quantize), tuple(keep), preprocessed)
