@@ -50,6 +50,7 @@ class AutoencoderTrainConfig(ConfigBase):
     data: str = ""
     preset: str = "emoji"
     minutes: float = 20.0
+    max_steps: int = 0  # > 0: stop after this many steps (the schedule follows steps, not time)
     max_images: int = 12000  # images kept in memory for training (uint8)
     heldout: int = 256  # images after the training ones, for the PSNR
     resolution: int = 128
@@ -79,6 +80,7 @@ class AutoencoderTrainConfig(ConfigBase):
         require(0.0 <= self.full_fraction <= 1.0, "full_fraction", "must be in [0, 1]")
         require(self.max_images >= 1 and self.heldout >= 1, "max_images", "must be >= 1")
         require(self.lr > 0, "lr", "must be positive")
+        require(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = time budget only)")
 
 
 def load_images(paths: list[str], resolution: int) -> torch.Tensor:
@@ -258,8 +260,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, run_dir: str | Path, *, resum
         step=step,
         message=f"autoencoder {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {cfg.minutes} min",
     )
-    while elapsed < budget:
-        fraction = elapsed / budget
+    while elapsed < budget and not (cfg.max_steps and step >= cfg.max_steps):
+        fraction = step / cfg.max_steps if cfg.max_steps else elapsed / budget
         full = fraction >= 1.0 - cfg.full_fraction
         bsz = cfg.full_batch_size if full else cfg.batch_size
         idx = torch.randint(0, len(images), (bsz,), generator=gen)
@@ -291,7 +293,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, run_dir: str | Path, *, resum
                 },
             )
             window_t, window_n = now, 0
-        if now - last_ckpt >= cfg.checkpoint_minutes * 60 or elapsed >= budget:
+        done = elapsed >= budget or (cfg.max_steps and step >= cfg.max_steps)
+        if now - last_ckpt >= cfg.checkpoint_minutes * 60 or done:
             _checkpoint(root, step, elapsed, model, opt)
             last_ckpt = now
     info = {
