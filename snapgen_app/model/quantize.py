@@ -333,9 +333,8 @@ def quantize_static_int8(
                 "ActivationSymmetric": False,
                 # MatMul weights are [K, N]: one scale per output column.
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": -1},
-                # Merge the min/max of each calibration input as it comes (the same ranges) instead of
-                # holding every recorded tensor of every input until the end.
-                "CalibMaxIntermediateOutputs": 1,
+                # Not "CalibMaxIntermediateOutputs": onnxruntime 1.32's MinMax calibrator clears the
+                # recorded tensors at that count without merging their ranges ("No data is collected").
             },
         )
     return QuantizationResult(out_path, tuple(to_quantize), tuple(keep), preprocessed)

@@ -1,6 +1,6 @@
 """The built-in default model ``snapgen-emoji``, trained end to end with our own training tools.
 
-``python -m training_tools.recipes.emoji_default [--budget-minutes 180] [--out runs/emoji-default]
+``python -m training_tools.recipes.emoji_default [--budget-minutes 150] [--out runs/emoji-default]
 [--background] [--ship]``
 
 Stages (each skipped when its output exists, each resumable from its last checkpoint):
@@ -79,7 +79,7 @@ class RecipeConfig(ConfigBase):
     """Everything the recipe needs; saved as ``OUT/recipe.json``."""
 
     out: str = "runs/emoji-default"
-    budget_minutes: float = 180.0
+    budget_minutes: float = 150.0  # + dataset, caches, classifier, export, eval: about 3 h in all
     stage_minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of the shares
     seed: int = 0
     teacher_preset: str = TEACHER_PRESET
@@ -793,7 +793,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/emoji-default", help="run folder (resumed when it exists)")
     p.add_argument(
-        "--budget-minutes", type=float, default=180.0, help="wall-time budget of the training stages"
+        "--budget-minutes", type=float, default=150.0, help="wall-time budget of the training stages"
     )
     p.add_argument(
         "--stage-minutes", nargs="*", default=[], metavar="STAGE=MIN", help="override a stage's share"
