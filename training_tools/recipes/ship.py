@@ -72,6 +72,21 @@ def write_checkpoint_fp16(final: Path, out: Path) -> None:
     pipe.save_pretrained(str(out), safe_serialization=True)
 
 
+def ship_classifier(classifier: Path, out: Path) -> None:
+    """The EmojiEval classifier under ``eval/classifier`` (what ``snapgen eval snapgen-emoji`` uses by
+    default) with a README; generation never loads it."""
+    metrics = json.loads((classifier / "metrics.json").read_text())
+    shutil.copytree(classifier, out / "classifier")
+    (out / "README.md").write_text(
+        "# EmojiEval classifier\n\n"
+        f"`classifier/`: the {metrics['num_classes']}-way emoji classifier that `snapgen eval snapgen-emoji` uses by\n"
+        "default (safetensors; trained by `python -m training_tools.emoji_world.classifier train` on\n"
+        "augmented real renders held apart from the generator's training images; "
+        f"{100 * metrics['heldout_accuracy']:.0f} % on {metrics['heldout_crops']}\n"
+        "held-out real renders). Not part of the runtime bundle: generation never loads it.\n"
+    )
+
+
 def _drop_variant(root: Path, manifest: Any, precision: str) -> Any:
     variant = manifest.variants[precision]
     keep = {f for name, v in manifest.variants.items() if name != precision for f in v.model_files}
@@ -160,6 +175,7 @@ def ship(recipe: Recipe, target: Path) -> Path:
         shutil.rmtree(tmp)
     shutil.copytree(bundle, tmp)
     write_checkpoint_fp16(recipe.final("step_distill"), tmp / "checkpoint")
+    ship_classifier(recipe.classifier_dir(), tmp / "eval")
     (tmp / LICENSES).write_text(LICENSES_TEXT)
     manifest = shrink_text_encoder(recipe, tmp, read_manifest(tmp))
     size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
