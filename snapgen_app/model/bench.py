@@ -381,7 +381,8 @@ def calibration_px(arch: str, px: int, budget_gb: float) -> int:
     """The largest calibration size up to ``px`` (halving) whose attention scores fit ``budget_gb``.
 
     Calibration records every tensor that feeds a MatMul, attention scores included, so SD1.5's
-    full-resolution attention (0.5 GB per layer at 512 px, 16 layers) does not fit beside the model.
+    full-resolution attention (1.07 GB of scores + softmax per layer at 512 px, see
+    :func:`attention_score_gb`) does not fit beside the model.
     """
     while px > 64 and attention_score_gb(arch, px) > budget_gb:
         px //= 2
@@ -890,7 +891,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
                         report["unet"].append(
                             _unet_row(arch, px, "onnxruntime", precision, count, res, report["peak"])
                         )
-                elif arch in exported and not fits_ort:
+                elif arch in exported and "error" not in exported[arch] and not fits_ort:
                     report["notes"].append(
                         f"{arch} at {px} px is not run in ONNX Runtime: its self-attention materialises "
                         f"{attention_score_gb(arch, px):.1f} GB of scores; timed in torch eager fp32 (which streams attention)."

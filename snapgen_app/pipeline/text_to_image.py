@@ -19,7 +19,7 @@ from typing import Literal, cast
 
 import numpy as np
 
-from model_store.bundle import BundleManifest
+from model_store.bundle import NULL_CONDITIONS, BundleManifest
 from snapgen_app.errors import BundleError, ConfigError
 from snapgen_app.progress import CancelToken
 from snapgen_app.runtime.sessions import RuntimeOptions, SessionCache
@@ -118,8 +118,8 @@ class TextToImagePipeline:
         self._preview_projection: np.ndarray | None = None
         # None: what the bundle records (the text dropout the model was trained with)
         null_condition = null_condition or cast(NullCondition, manifest.model.null_condition)
-        if null_condition not in ("empty_prompt", "zeros"):
-            raise ConfigError("null_condition", f"{null_condition!r}", allowed=["empty_prompt", "zeros"])
+        if null_condition not in NULL_CONDITIONS:
+            raise ConfigError("null_condition", f"{null_condition!r}", allowed=list(NULL_CONDITIONS))
         self.null_condition: NullCondition = null_condition
 
     # -- loading -------------------------------------------------------------------------------

@@ -586,12 +586,6 @@ class Recipe:
                     {"checkpoint": "ablation", "steps": c.eval_steps, "guidance": c.guidance_scale},
                 )
             )
-            plan.append(
-                (
-                    "student_no_kd_same_steps_28",
-                    {"checkpoint": "ablation_steps", "steps": c.eval_steps, "guidance": c.guidance_scale},
-                )
-            )
         plan += [
             (
                 "student_distilled_4_before_step_distill",
@@ -620,14 +614,9 @@ class Recipe:
         results_dir.mkdir(exist_ok=True)
         classifier = self.classifier_dir()
         results: dict[str, Any] = {}
-        plan = sorted(
-            self.eval_plan(), key=lambda item: str(item[1].get("checkpoint")).startswith("ablation")
-        )
-        for name, how in plan:
+        for name, how in self.eval_plan():
             if only and name not in only:
                 continue
-            if how.get("checkpoint") in ("ablation", "ablation_steps"):
-                self.join_ablation()
             path = results_dir / f"{name}.json"
             if path.is_file():
                 results[name] = json.loads(path.read_text())
@@ -686,7 +675,6 @@ class Recipe:
             t0 = time.monotonic()
             steps[stage]()
             self.log(f"stage {stage}: {(time.monotonic() - t0) / 60:.1f} min")
-        self.join_ablation()
         self.log(f"recipe: all stages done in {(time.monotonic() - started) / 60:.1f} min")
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from snapgen_app.commands.eval import CLASSIFIER_SUBDIR
 from snapgen_app.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -73,11 +74,11 @@ def write_checkpoint_fp16(final: Path, out: Path) -> None:
 
 
 def ship_classifier(classifier: Path, out: Path) -> None:
-    """The EmojiEval classifier under ``eval/classifier`` (what ``snapgen eval snapgen-emoji`` uses by
-    default) with a README; generation never loads it."""
+    """The EmojiEval classifier copied to ``out`` (``CLASSIFIER_SUBDIR``: where ``snapgen eval
+    snapgen-emoji`` looks by default) with a README beside it; generation never loads it."""
     metrics = json.loads((classifier / "metrics.json").read_text())
-    shutil.copytree(classifier, out / "classifier")
-    (out / "README.md").write_text(
+    shutil.copytree(classifier, out)
+    (out.parent / "README.md").write_text(
         "# EmojiEval classifier\n\n"
         f"`classifier/`: the {metrics['num_classes']}-way emoji classifier that `snapgen eval snapgen-emoji` uses by\n"
         "default (safetensors; trained by `python -m training_tools.emoji_world.classifier train` on\n"
@@ -175,7 +176,7 @@ def ship(recipe: Recipe, target: Path) -> Path:
         shutil.rmtree(tmp)
     shutil.copytree(bundle, tmp)
     write_checkpoint_fp16(recipe.final("step_distill"), tmp / "checkpoint")
-    ship_classifier(recipe.classifier_dir(), tmp / "eval")
+    ship_classifier(recipe.classifier_dir(), tmp / CLASSIFIER_SUBDIR)
     (tmp / LICENSES).write_text(LICENSES_TEXT)
     manifest = shrink_text_encoder(recipe, tmp, read_manifest(tmp))
     size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
