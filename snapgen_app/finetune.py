@@ -312,6 +312,16 @@ class BaseModel:
     autoencoder: Path
     text: Path
     bundle: str = ""
+    shift: float = 0.0  # the timestep shift it was trained and samples at (0 = not recorded)
+
+
+def _recorded_shift(index_path: Path) -> float:
+    """``_snapgen_defaults.shift`` of a model_index.json (0.0 when absent or unreadable)."""
+    try:
+        value = json.loads(index_path.read_text()).get("_snapgen_defaults", {}).get("shift", 0.0)
+        return float(value) if float(value) > 0 else 0.0
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def _component(checkpoint: Path, names: Sequence[str]) -> Path | None:
@@ -345,6 +355,7 @@ def inspect_checkpoint(folder: str | Path, label: str = "", bundle: str = "") ->
         autoencoder=parts["autoencoder"],  # type: ignore[arg-type]
         text=parts["text"],  # type: ignore[arg-type]
         bundle=bundle,
+        shift=_recorded_shift(root / "model_index.json"),
     )
 
 
@@ -454,6 +465,8 @@ def build_config(request: FineTuneRequest, run_dir: Path, data_path: str, base: 
         },
         "lora": {"rank": request.lora_rank, "alpha": float(max(1, request.lora_rank))},
         "optim": {"lr": request.learning_rate, "ema": request.lora_rank == 0},
+        # Fine-tune at the timestep shift the base was trained at (else the trainer's resolution shift).
+        "flow": {"shift": base.shift},
         "sample": {
             "prompts": list(request.prompts()),
             "seeds": list(request.sample_seeds),

@@ -105,6 +105,21 @@ def test_checkpoint_layout_is_checked(tmp_path: Path) -> None:
         ft.resolve_base("no-such-model")
 
 
+def test_fine_tuning_keeps_the_base_models_timestep_shift(tmp_path: Path) -> None:
+    for part in ("unet", "autoencoder", "text_conditioner"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text("{}")
+    request = ft.FineTuneRequest(images_dir="/x", base_model="base", name="s")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_snapgen_defaults": {"shift": 3.0}}))
+    base = ft.inspect_checkpoint(tmp_path)
+    assert base.shift == 3.0
+    assert ft.build_config(request, tmp_path / "run", "/data", base)["flow"] == {"shift": 3.0}
+    (tmp_path / "model_index.json").write_text("{}")  # not recorded: the trainer's resolution shift
+    assert ft.build_config(request, tmp_path / "run", "/data", ft.inspect_checkpoint(tmp_path))["flow"] == {
+        "shift": 0.0
+    }
+
+
 def test_run_handle_tails_events_and_reattaches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
     run = ft.run_dir_for("tail-test")

@@ -35,6 +35,7 @@ def _config(out: Path) -> RecipeConfig:
         warmup_steps=1,
         ablation=False,
         teacher_steps_for_targets=4,
+        flow_shift=2.0,
     )
 
 
@@ -71,6 +72,12 @@ def test_stages_chain_into_a_step_distilled_checkpoint(recipe_run: tuple[Recipe,
     assert step_cfg["stage"] == "step-distill"
     assert step_cfg["model"]["unet_path"].endswith("distill/final/unet")
     assert step_cfg["step_distill"]["student_steps"] == 4
+    # Every denoiser stage trains at the recipe's timestep shift, and the checkpoints sample at it.
+    for stage in ("teacher", "distill", "step_distill"):
+        cfg = json.loads((recipe.out / stage / "train_config.json").read_text())
+        assert cfg["flow"]["shift"] == recipe.cfg.flow_shift, stage
+        index = json.loads((recipe.final(stage) / "model_index.json").read_text())
+        assert index["_snapgen_defaults"]["shift"] == recipe.cfg.flow_shift, stage
     # The budgeted stages were stopped by the recipe and finalised at the step they reached.
     assert any("teacher: finalising at step" in line for line in lines)
     summary = recipe.summary()

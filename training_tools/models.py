@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -121,13 +120,14 @@ def save_final(
     autoencoder/, text_conditioner/ (each config.json + safetensors) and train_config.json.
     """
     from snapgen_app.model.export import BundleDefaults, write_checkpoint
+    from training_tools.samples import sampling_shift
 
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     res = cfg.sample.resolution or cfg.data.resolution
     side = res // parts.autoencoder.scale_factor
-    shift = cfg.flow.shift if cfg.flow.shift > 0 else math.sqrt(side * side / cfg.flow.base_latent_pixels)
+    shift = sampling_shift(cfg, side, side)
     steps = cfg.step_distill.student_steps if cfg.stage == "step-distill" else cfg.sample.steps
     defaults = BundleDefaults(
         steps=steps, width=res, height=res, shift=shift, guidance_scale=cfg.sample.guidance_scale

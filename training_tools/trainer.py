@@ -51,7 +51,7 @@ from training_tools.models import (
     save_final,
 )
 from training_tools.rundir import prepare_run_dir
-from training_tools.samples import write_samples
+from training_tools.samples import sampling_shift, write_samples
 from training_tools.teachers import Teacher
 
 
@@ -642,12 +642,7 @@ class _Context:
         self.use_pooled = parts.unet_config.pooled_dim > 0
 
     def _shift(self, latents: torch.Tensor) -> float:
-        f = self.cfg.flow
-        return (
-            f.shift
-            if f.shift > 0
-            else flow.resolution_shift(latents.shape[-2], latents.shape[-1], f.base_latent_pixels)
-        )
+        return sampling_shift(self.cfg, latents.shape[-2], latents.shape[-1])
 
     def _condition(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[Any, Any, Any, Any]:
         frozen = {k[5:]: v for k, v in batch.items() if k.startswith("text.")}
