@@ -80,38 +80,47 @@ def build(arch: str) -> nn.Module:
     raise SystemExit(f"unknown arch {arch}")
 
 
-def load_cache(cache: Path, per_class: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latents [N, C, h, w], caption index [N], text tokens [captions, L, 384]; with ``per_class``
-    only the first that many single-object images of each class (the folder's metadata.jsonl)."""
+def load_cache(
+    cache: Path, per_class: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents [N, C, h, w], caption index [N], text tokens [captions, L, 384] and whether each image
+    is a single-object one [N] (the folder's metadata.jsonl); with ``per_class`` only the first that
+    many single-object images of each class."""
     index = json.loads((cache / "index.json").read_text())
-    keep = None
-    if per_class:
-        folder = Path(index["entries"][0]["file"]).parent
-        meta = {}
-        for line in (folder / "metadata.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            meta[row["file_name"]] = row
-        counts: dict[int, int] = {}
-        keep = set()
-        for n, entry in enumerate(index["entries"]):
-            row = meta[Path(entry["file"]).name]
-            if row["kind"] != "single":
-                continue
-            cls = row["objects"][0]["class_index"]
-            if counts.get(cls, 0) < per_class:
-                counts[cls] = counts.get(cls, 0) + 1
-                keep.add(n)
+    folder = Path(index["entries"][0]["file"]).parent
+    meta = {}
+    for line in (folder / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        meta[row["file_name"]] = row
+    counts: dict[int, int] = {}
     shards: dict[int, dict[str, torch.Tensor]] = {}
-    latents, captions = [], []
+    latents, captions, single = [], [], []
     for n, entry in enumerate(index["entries"]):
-        if keep is not None and n not in keep:
-            continue
+        row = meta[Path(entry["file"]).name]
+        if per_class:
+            cls = row["objects"][0]["class_index"]
+            if row["kind"] != "single" or counts.get(cls, 0) >= per_class:
+                continue
+            counts[cls] = counts.get(cls, 0) + 1
         captions.append(entry["caption"])
+        single.append(row["kind"] == "single")
         if entry["shard"] not in shards:
             shards[entry["shard"]] = load_file(str(cache / f"latents-{entry['shard']:05d}.safetensors"))
         latents.append(shards[entry["shard"]][str(n)])
     text = load_file(str(cache / "text-00000.safetensors"))["tokens.0"]
-    return torch.stack(latents), torch.tensor(captions), text
+    return torch.stack(latents), torch.tensor(captions), text, torch.tensor(single)
+
+
+def draw_batch(single: torch.Tensor, batch: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Indices of one batch: uniform over the images, or each a single-object image with
+    probability ``fraction`` (>= 0) and a composition otherwise."""
+    if fraction < 0:
+        return torch.randint(0, len(single), (batch,), generator=gen)
+    singles, others = single.nonzero().flatten(), (~single).nonzero().flatten()
+    pick_single = torch.rand(batch, generator=gen) < fraction
+    a = singles[torch.randint(0, len(singles), (batch,), generator=gen)]
+    b = others[torch.randint(0, max(1, len(others)), (batch,), generator=gen)] if len(others) else a
+    return torch.where(pick_single, a, b)
 
 
 def null_tokens(run: Path) -> torch.Tensor:
@@ -128,6 +137,12 @@ def main() -> None:
     p.add_argument("--run", default="runs/emoji-v2", help="recipe run: autoencoder, text-init, classifier")
     p.add_argument("--cache", default="", help="latent/text cache (default: RUN/cache)")
     p.add_argument("--per-class", type=int, default=0, help="only N single-object images per class")
+    p.add_argument(
+        "--single-fraction",
+        type=float,
+        default=-1.0,
+        help="share of single-object images per batch (-1: as stored)",
+    )
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -140,7 +155,9 @@ def main() -> None:
     torch.manual_seed(0)
     run, out = Path(args.run), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    latents, caption_ids, text = load_cache(Path(args.cache) if args.cache else run / "cache", args.per_class)
+    latents, caption_ids, text, single = load_cache(
+        Path(args.cache) if args.cache else run / "cache", args.per_class
+    )
     print(f"{len(latents)} training images", flush=True)
     null = null_tokens(run)
     model = build(args.arch)
@@ -150,7 +167,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     started = time.monotonic()
     for step in range(args.steps):
-        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
+        idx = draw_batch(single, args.batch, args.single_fraction, gen)
         x0 = latents[idx]
         tokens = text[caption_ids[idx]].clone()
         drop = torch.rand(args.batch, generator=gen) < 0.1
@@ -202,6 +219,7 @@ def main() -> None:
         "arch": args.arch,
         "params": params,
         "images": len(latents),
+        "single_fraction": args.single_fraction,
         "steps": args.steps,
         "batch": args.batch,
         "threads": args.threads,
