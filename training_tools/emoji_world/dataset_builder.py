@@ -30,9 +30,9 @@ from .curation import EmojiClass, curate, load_classes, save_classes
 from .render import font_sha256
 
 GENERATOR_SALT = 1  # rng stream of the generator's training images; the classifier uses others
-# Single-object images teach object identity: in an equal-sample pilot (docs/training.md, "What limits
-# the built-in model") a student reached 40 % single-object accuracy after 83k samples of single-emoji
-# images, while the 45 %-single mix gave 12.5 % after 88k. Compositions keep the other categories.
+# Single-object images teach object identity: in pilots (docs/training.md, "What limits the built-in
+# model") a student reached 40 % single-object accuracy after 83k samples of single-emoji images,
+# while the students of the 45 %-single mix reached 12.5 % after 88k. Compositions keep the rest.
 DEFAULT_MIX = {"single": 0.6, "count": 0.1, "two": 0.07, "position": 0.16, "row": 0.07}
 METADATA = "metadata.jsonl"
 CLASSES = "classes.json"

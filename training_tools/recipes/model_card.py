@@ -211,7 +211,7 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         "## Recipe (`python -m training_tools.recipes.emoji_default`)",
         f"Budget of this run: {cfg.budget_minutes:.0f} min of training wall time "
         f"(the recipe's default is {default_budget:.0f} min). Flow matching (x_t = (1-t) x0 + t eps,",
-        f"v = eps - x0), logit-normal t, timestep shift {cfg.flow_shift:g}, bf16 autocast, CFG dropout 10 % (dropped prompt =",
+        f"v = eps - x0), logit-normal t, timestep shift {d.shift:g}, bf16 autocast, CFG dropout 10 % (dropped prompt =",
         f'embedding of ""), batch {cfg.batch_size}, AdamW, EMA {cfg.ema_decay}. Distillation: output + feature KD with',
         "the paper's timestep-aware scaling; step distillation: 4 Euler steps, targets = the teacher's",
         f"{cfg.teacher_steps_for_targets}-step Euler path over each interval, + hinge GAN loss (weight {cfg.adv_weight})",
