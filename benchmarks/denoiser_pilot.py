@@ -119,7 +119,9 @@ def draw_batch(single: torch.Tensor, batch: int, fraction: float, gen: torch.Gen
     singles, others = single.nonzero().flatten(), (~single).nonzero().flatten()
     pick_single = torch.rand(batch, generator=gen) < fraction
     a = singles[torch.randint(0, len(singles), (batch,), generator=gen)]
-    b = others[torch.randint(0, max(1, len(others)), (batch,), generator=gen)] if len(others) else a
+    if len(others) == 0:
+        return a
+    b = others[torch.randint(0, len(others), (batch,), generator=gen)]
     return torch.where(pick_single, a, b)
 
 
