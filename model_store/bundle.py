@@ -142,6 +142,16 @@ def is_pickle_name(name: str) -> bool:
 
 
 NULL_CONDITIONS = ("empty_prompt", "zeros")
+# Generation defaults (steps, size, shift, guidance) in a training checkpoint's model_index.json.
+CHECKPOINT_DEFAULTS_KEY = "_snapgen_defaults"
+
+
+def recorded_shift(model_index: dict[str, Any]) -> float | None:
+    """The timestep shift a checkpoint's model_index.json records, or None when it records none
+    (absent, or not a positive number)."""
+    defaults = model_index.get(CHECKPOINT_DEFAULTS_KEY)
+    value = defaults.get("shift") if isinstance(defaults, dict) else None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 @dataclass(frozen=True)

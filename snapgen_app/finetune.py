@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from model_store.bundle import recorded_shift
 from model_store.errors import StoreError
 from model_store.paths import store_home
 from model_store.registry import ModelSource, RegisteredModel, Registry, validate_name
@@ -316,11 +317,10 @@ class BaseModel:
 
 
 def _recorded_shift(index_path: Path) -> float:
-    """``_snapgen_defaults.shift`` of a model_index.json (0.0 when absent or unreadable)."""
+    """The shift a checkpoint's model_index.json records (0.0 when none or unreadable)."""
     try:
-        value = json.loads(index_path.read_text()).get("_snapgen_defaults", {}).get("shift", 0.0)
-        return float(value) if float(value) > 0 else 0.0
-    except (OSError, ValueError, TypeError, AttributeError):
+        return recorded_shift(json.loads(index_path.read_text())) or 0.0
+    except (OSError, ValueError):
         return 0.0
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model_store.bundle import CHECKPOINT_DEFAULTS_KEY
 from snapgen_app.errors import ExportError
 from snapgen_app.model.quantize import EXTERNAL_DATA_THRESHOLD_BYTES, Feeds, make_session, psnr_db
 
@@ -595,7 +596,7 @@ UNET_FOLDER = "unet"
 AUTOENCODER_FOLDERS: tuple[str, ...] = ("autoencoder", "vae")
 TEXT_CONDITIONER_FOLDER = "text_conditioner"
 CHECKPOINT_INDEX = "model_index.json"
-DEFAULTS_KEY = "_snapgen_defaults"
+DEFAULTS_KEY = CHECKPOINT_DEFAULTS_KEY
 LICENSE_KEY = "_license"
 PRECISION_ORDER: tuple[str, ...] = ("fp32", "fp16", "int8")
 

@@ -30,6 +30,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
+from model_store.bundle import recorded_shift
 from snapgen_app.errors import ConfigError, UsageError
 from snapgen_app.model.autoencoder import SnapGenAutoencoder
 from snapgen_app.model.text_encoders import FrozenTextEncoder, TextConditioner, TextProjection
@@ -228,6 +229,6 @@ def load_pipeline(checkpoint_dir: str | Path, **kwargs: Any) -> SnapGenPipeline:
         )
     index = json.loads(index_path.read_text())
     if "scheduler" not in index and "scheduler" not in kwargs:
-        shift = float(index.get("_snapgen_defaults", {}).get("shift", 1.0))
+        shift = recorded_shift(index) or 1.0
         kwargs["scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     return SnapGenPipeline.from_pretrained(str(path), use_safetensors=True, **kwargs)  # type: ignore[return-value]

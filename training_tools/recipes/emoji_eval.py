@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from model_store.bundle import recorded_shift
 from training_tools.emoji_world.eval import GenerateFn, evaluate, load_classifier, make_prompts, write_images
 
 
@@ -33,7 +34,7 @@ def checkpoint_generator(
 
     torch.set_num_threads(threads)
     index = json.loads((checkpoint / "model_index.json").read_text())
-    shift = float(index.get("_snapgen_defaults", {}).get("shift", 1.0))
+    shift = recorded_shift(index) or 1.0
     unet = SnapGenUNet.from_pretrained(str(checkpoint / "unet"), use_safetensors=True).eval()
     autoencoder = SnapGenAutoencoder.from_pretrained(
         str(checkpoint / "autoencoder"), use_safetensors=True

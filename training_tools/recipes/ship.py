@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from model_store.bundle import recorded_shift
 from snapgen_app.commands.eval import CLASSIFIER_SUBDIR
 from snapgen_app.errors import TrainingError
 
@@ -63,7 +64,7 @@ def write_checkpoint_fp16(final: Path, out: Path) -> None:
     from snapgen_app.model.unet import SnapGenUNet
 
     index = json.loads((final / "model_index.json").read_text())
-    shift = float(index.get("_snapgen_defaults", {}).get("shift", 1.0))
+    shift = recorded_shift(index) or 1.0
     unet = SnapGenUNet.from_pretrained(str(final / "unet"), use_safetensors=True)
     vae = SnapGenAutoencoder.from_pretrained(str(final / "autoencoder"), use_safetensors=True)
     projection = TextProjection.from_pretrained(str(final / "text_conditioner"))
