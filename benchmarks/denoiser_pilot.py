@@ -11,7 +11,18 @@ only in the UNet. A diagnostic script, not product code: the recipe trains with
         --out runs/pilot/arch-snapgen
     python benchmarks/denoiser_pilot.py --arch diffusers-feasibility ...
 
-Architectures: ``snapgen-student`` (preset tiny-emoji-student without the pooled input),
+On a GPU machine that cannot read the run folder (the lent H100/H200: no network, a 64 MiB carry),
+``--make-pack DIR`` writes what the loop needs into one small folder (single-object images only, int8
+latents and int8 MiniLM states, the eval prompts' states, decoder, classifier), and ``--pack DIR
+--device cuda --eval-at 83200,166400 --minutes 7`` trains from it and scores the EMA model at each
+sample count (``results.jsonl``)::
+
+    python benchmarks/denoiser_pilot.py --make-pack .gpu/pack --run runs/emoji-v2 --per-class 45
+    python benchmarks/denoiser_pilot.py --arch snapgen-student --pack .gpu/pack --device cuda \
+        --batch 32 --eval-at 83200,166400,332800 --minutes 7 --out $OUT/student
+
+Architectures: ``snapgen-teacher`` (preset tiny-emoji-teacher without the pooled input),
+``snapgen-student`` (preset tiny-emoji-student without the pooled input),
 ``snapgen-dense`` (the same with dense 3x3 convs), ``diffusers-feasibility`` (the emoji-world
 feasibility run's diffusers UNet2DConditionModel: (64, 128, 192), one layer per block,
 cross-attention at 8x8 and 4x4).
@@ -22,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -34,12 +46,12 @@ from training_tools import flow
 
 
 class SnapGenWrap(nn.Module):
-    def __init__(self, dense: bool) -> None:
+    def __init__(self, dense: bool, preset: str = "tiny-emoji-student") -> None:
         super().__init__()
         from snapgen_app.model.presets import unet_preset
         from snapgen_app.model.unet import SnapGenUNet
 
-        cfg = unet_preset("tiny-emoji-student").replace(pooled_dim=0)
+        cfg = unet_preset(preset).replace(pooled_dim=0)
         if dense:
             cfg = cfg.replace(separable_conv=False, conv_expansion=1.0)
         self.net = SnapGenUNet.from_unet_config(cfg)
@@ -73,6 +85,8 @@ class DiffusersWrap(nn.Module):
 def build(arch: str) -> nn.Module:
     if arch == "snapgen-student":
         return SnapGenWrap(dense=False)
+    if arch == "snapgen-teacher":
+        return SnapGenWrap(dense=False, preset="tiny-emoji-teacher")
     if arch == "snapgen-dense":
         return SnapGenWrap(dense=True)
     if arch == "diffusers-feasibility":
@@ -133,11 +147,129 @@ def null_tokens(run: Path) -> torch.Tensor:
         return conditioner.encode_frozen([""])[0][0][0].float()
 
 
+def _quantize(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per slice over ``dims`` (kept as size-1 dims)."""
+    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-8) / 127.0
+    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def make_pack(run: Path, cache: Path, per_class: int, per_category: int, out: Path) -> None:
+    """The single-object images of a run's cache (``per_class`` per class), their caption states,
+    the eval prompts' states, the decoder and the classifier, in one folder that fits a device carry."""
+    from safetensors.torch import save_file
+
+    from snapgen_app.model.autoencoder import SnapGenAutoencoder
+    from snapgen_app.model.text_encoders import TextConditioner
+    from training_tools.emoji_world.classifier import load_classifier
+    from training_tools.emoji_world.eval import make_prompts
+
+    latents, caption_ids, text, single = load_cache(cache, per_class)
+    keep = single.nonzero().flatten() if not per_class else torch.arange(len(single))
+    latents, caption_ids = latents[keep], caption_ids[keep]
+    used, caption_ids = torch.unique(caption_ids, return_inverse=True)
+    latents_q, latents_scale = _quantize(latents.float(), (0, 1, 2, 3))
+    tokens_q, tokens_scale = _quantize(text[used].float(), (2,))
+    conditioner = TextConditioner.from_pretrained(run / "text-init").eval()
+    _, classes = load_classifier(run / "classifier")
+    prompts = sorted({spec.text for spec in make_prompts(classes, per_category)})
+    with torch.no_grad():
+        eval_tokens = conditioner.encode_frozen([*prompts, ""])[0][0].float()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {
+            "latents_q": latents_q.contiguous(),
+            "latents_scale": latents_scale.reshape(1),
+            "caption_ids": caption_ids.contiguous(),
+            "tokens_q": tokens_q.contiguous(),
+            "tokens_scale": tokens_scale.half().contiguous(),
+            "eval_tokens": eval_tokens.half().contiguous(),
+        },
+        str(out / "data.safetensors"),
+    )
+    (out / "eval_prompts.json").write_text(json.dumps([*prompts, ""]))
+    ae = SnapGenAutoencoder.from_pretrained(str(run / "autoencoder" / "final"), use_safetensors=True)
+    ae.half().save_pretrained(str(out / "autoencoder"))
+    shutil.copytree(run / "classifier", out / "classifier", dirs_exist_ok=True)
+    print(f"pack: {len(latents)} images, {len(used)} captions, {len(prompts)} eval prompts -> {out}")
+
+
+class Data:
+    """What the loop trains on and evaluates with: latents, caption index, caption states, whether
+    each image is a single-object one, and a text -> states lookup for generation."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.pack:
+            pack = Path(args.pack)
+            d = load_file(str(pack / "data.safetensors"))
+            self.latents = d["latents_q"].float() * d["latents_scale"]
+            self.caption_ids = d["caption_ids"]
+            self.text = d["tokens_q"].float() * d["tokens_scale"].float()
+            self.single = torch.ones(len(self.latents), dtype=torch.bool)
+            prompts = json.loads((pack / "eval_prompts.json").read_text())
+            self.eval_tokens = dict(zip(prompts, d["eval_tokens"].float(), strict=True))
+            self.null = self.eval_tokens[""]
+            self.autoencoder, self.classifier = pack / "autoencoder", pack / "classifier"
+            self.conditioner = None
+        else:
+            run = Path(args.run)
+            self.latents, self.caption_ids, self.text, self.single = load_cache(
+                Path(args.cache) if args.cache else run / "cache", args.per_class
+            )
+            self.null = null_tokens(run)
+            self.eval_tokens = {}
+            self.autoencoder, self.classifier = run / "autoencoder" / "final", run / "classifier"
+            from snapgen_app.model.text_encoders import TextConditioner
+
+            self.conditioner = TextConditioner.from_pretrained(run / "text-init").eval()
+
+    def tokens(self, texts: list[str]) -> torch.Tensor:
+        if self.conditioner is None:
+            return torch.stack([self.eval_tokens[t] for t in texts])
+        with torch.no_grad():
+            return self.conditioner.encode_frozen(texts)[0][0].float()
+
+
+def evaluate(model: nn.Module, data: Data, args: argparse.Namespace, out: Path) -> dict:
+    """EmojiEval of ``model`` at 28 steps, CFG 4 (the recipe's eval settings)."""
+    from snapgen_app.model.autoencoder import SnapGenAutoencoder
+    from training_tools.recipes.emoji_eval import run_eval
+    from training_tools.samples import seeded_noise
+
+    device = torch.device(args.device)
+    ae = (
+        SnapGenAutoencoder.from_pretrained(str(data.autoencoder), use_safetensors=True)
+        .float()
+        .eval()
+        .to(device)
+    )
+    null = data.null.to(device)
+
+    @torch.no_grad()
+    def generate(texts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        tok = data.tokens(texts).to(device)
+        unc = null.expand_as(tok)
+        x = seeded_noise(seeds, (16, 16, 16)).to(device)
+        times = flow.schedule(28, args.shift).to(device)
+        for i in range(28):
+            tt = times[i].expand(x.shape[0])
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([tok, unc])).float()
+            vc, vu = v.chunk(2)
+            x = x + (times[i + 1] - times[i]) * (vu + 4.0 * (vc - vu))
+        images = ae.decode(x).float().cpu()
+        return list(((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+
+    # A pack carries no emoji font: no Frechet distance (it renders real images) from one.
+    return run_eval(generate, data.classifier, args.per_category, out / "images", with_frechet=not args.pack)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--arch", required=True)
+    p.add_argument("--arch", default="snapgen-student")
     p.add_argument("--run", default="runs/emoji-v2", help="recipe run: autoencoder, text-init, classifier")
     p.add_argument("--cache", default="", help="latent/text cache (default: RUN/cache)")
+    p.add_argument("--pack", default="", help="train from a folder written by --make-pack")
+    p.add_argument("--make-pack", default="", help="write a pack folder for a device machine and stop")
     p.add_argument("--per-class", type=int, default=0, help="only N single-object images per class")
     p.add_argument(
         "--single-fraction",
@@ -145,40 +277,88 @@ def main() -> None:
         default=-1.0,
         help="share of single-object images per batch (-1: as stored)",
     )
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument(
+        "--steps", type=int, default=0, help="optimizer steps (default: 1000, or no limit with --minutes)"
+    )
+    p.add_argument("--minutes", type=float, default=0.0, help="stop training after this wall time")
+    p.add_argument("--eval-at", default="", help="also score the EMA model at these sample counts")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--per-category", type=int, default=40)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default="")
     args = p.parse_args()
+    args.steps = args.steps or (10**9 if args.minutes else 1000)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    run, out = Path(args.run), Path(args.out)
+    if args.make_pack:
+        run = Path(args.run)
+        cache = Path(args.cache) if args.cache else run / "cache"
+        make_pack(run, cache, args.per_class, args.per_category, Path(args.make_pack))
+        return
+    if not args.out:
+        raise SystemExit("--out is required")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    latents, caption_ids, text, single = load_cache(
-        Path(args.cache) if args.cache else run / "cache", args.per_class
-    )
-    print(f"{len(latents)} training images", flush=True)
-    null = null_tokens(run)
-    model = build(args.arch)
+    device = torch.device(args.device)
+    data = Data(args)
+    print(f"{len(data.latents)} training images", flush=True)
+    latents, text, null = data.latents.to(device), data.text.to(device), data.null.to(device)
+    caption_ids, single = data.caption_ids.to(device), data.single
+    model = build(args.arch).to(device)
     params = sum(p.numel() for p in model.parameters())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, foreach=True)
     gen = torch.Generator().manual_seed(0)
-    started = time.monotonic()
-    for step in range(args.steps):
-        idx = draw_batch(single, args.batch, args.single_fraction, gen)
+    eval_at = sorted(int(n) for n in args.eval_at.split(",") if n)
+    base = {
+        "arch": args.arch,
+        "params": params,
+        "images": len(latents),
+        "batch": args.batch,
+        "lr": args.lr,
+        "shift": args.shift,
+        "device": args.device,
+        "threads": args.threads,
+    }
+    if device.type == "cuda":
+        base["device_name"] = torch.cuda.get_device_name(device)
+    results: list[dict] = []
+
+    def score(samples: int, train_s: float) -> None:
+        started = time.monotonic()
+        report = evaluate(ema, data, args, out / f"eval-{samples}")
+        row = {
+            **base,
+            "samples": samples,
+            "train_s": round(train_s, 1),
+            "samples_per_s": round(samples / max(train_s, 1e-9), 1),
+            "eval_s": round(time.monotonic() - started, 1),
+            "per_category": report["per_category"],
+            "overall": report["overall"],
+            "frechet": report["frechet_distance"],
+        }
+        results.append(row)
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    train_s, step = 0.0, 0
+    mark = time.monotonic()
+    while step < args.steps and not (args.minutes and train_s >= args.minutes * 60):
+        idx = draw_batch(single, args.batch, args.single_fraction, gen).to(device)
         x0 = latents[idx]
         tokens = text[caption_ids[idx]].clone()
-        drop = torch.rand(args.batch, generator=gen) < 0.1
+        drop = (torch.rand(args.batch, generator=gen) < 0.1).to(device)
         tokens[drop] = null
-        eps = torch.randn(x0.shape, generator=gen)
-        t = flow.sample_t(args.batch, mean=0.0, std=1.0, shift=args.shift, generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        t = flow.sample_t(args.batch, mean=0.0, std=1.0, shift=args.shift, generator=gen).to(device)
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 100)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             v = model(flow.add_noise(x0, eps, t), t, tokens)
         loss = torch.nn.functional.mse_loss(v.float(), flow.velocity_target(x0, eps))
         opt.zero_grad(set_to_none=True)
@@ -186,53 +366,26 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - 0.995)
-        if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.4f} {time.monotonic() - started:.0f}s", flush=True)
-    train_s = time.monotonic() - started
-
-    from snapgen_app.model.autoencoder import SnapGenAutoencoder
-    from training_tools.recipes.emoji_eval import run_eval
-    from training_tools.samples import seeded_noise
-
-    ae = SnapGenAutoencoder.from_pretrained(str(run / "autoencoder" / "final"), use_safetensors=True).eval()
-    from snapgen_app.model.text_encoders import TextConditioner
-
-    conditioner = TextConditioner.from_pretrained(run / "text-init").eval()
-
-    @torch.no_grad()
-    def generate(texts: list[str], seeds: list[int]) -> list[np.ndarray]:
-        tok = conditioner.encode_frozen(texts)[0][0].float()
-        unc = null.expand_as(tok)
-        x = seeded_noise(seeds, (16, 16, 16))
-        times = flow.schedule(28, args.shift)
-        for i in range(28):
-            tt = times[i].expand(x.shape[0])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                v = ema(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([tok, unc])).float()
-            vc, vu = v.chunk(2)
-            x = x + (times[i + 1] - times[i]) * (vu + 4.0 * (vc - vu))
-        images = ae.decode(x)
-        return list(((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-
-    report = run_eval(generate, run / "classifier", args.per_category, out / "images")
-    result = {
-        "arch": args.arch,
-        "params": params,
-        "images": len(latents),
-        "single_fraction": args.single_fraction,
-        "steps": args.steps,
-        "batch": args.batch,
-        "threads": args.threads,
-        "train_s": round(train_s, 1),
-        "samples_per_s": round(args.steps * args.batch / train_s, 1),
-        "per_category": report["per_category"],
-        "overall": report["overall"],
-        "frechet": report["frechet_distance"],
-    }
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result), flush=True)
+            torch._foreach_lerp_(ema_params, model_params, 1 - 0.995)
+        step += 1
+        samples = step * args.batch
+        if step % 100 == 0 or (eval_at and samples >= eval_at[0]):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.monotonic()
+            train_s, mark = train_s + now - mark, now
+            if step % 500 == 0:
+                print(f"step {step} loss {loss.item():.4f} {train_s:.0f}s", flush=True)
+            if eval_at and samples >= eval_at[0]:
+                eval_at.pop(0)
+                score(samples, train_s)
+                mark = time.monotonic()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s += time.monotonic() - mark
+    if not results or results[-1]["samples"] != step * args.batch:
+        score(step * args.batch, train_s)
+    (out / "result.json").write_text(json.dumps(results[-1], indent=1))
 
 
 if __name__ == "__main__":

@@ -92,9 +92,14 @@ def bundle_generator(bundle: Path, precision: str, steps: int, guidance: float) 
 
 
 def run_eval(
-    generate: GenerateFn, classifier: Path, per_category: int, images_dir: Path | None = None
+    generate: GenerateFn,
+    classifier: Path,
+    per_category: int,
+    images_dir: Path | None = None,
+    with_frechet: bool = True,
 ) -> dict[str, Any]:
-    """EmojiEval with ``per_category`` prompts per category; the images are kept in ``images_dir``."""
+    """EmojiEval with ``per_category`` prompts per category; the images are kept in ``images_dir``.
+    ``with_frechet=False`` skips the Frechet distance (it renders real images: needs the emoji font)."""
     _, classes = load_classifier(classifier)
     prompts = make_prompts(classes, per_category)
     kept: list[np.ndarray] = []
@@ -104,7 +109,7 @@ def run_eval(
         kept.extend(images)
         return images
 
-    report = evaluate(keeping, classifier, prompts=prompts)
+    report = evaluate(keeping, classifier, prompts=prompts, with_frechet=with_frechet)
     if images_dir is not None:
         write_images(images_dir, kept, prompts)
     return report.to_dict()
