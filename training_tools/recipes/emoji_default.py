@@ -833,9 +833,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RecipeConfig:
-    """The RecipeConfig of a command line."""
+    """The RecipeConfig of a command line. A run folder that holds a ``recipe.json`` resumes with
+    that configuration, changed only by the options this command line sets to a non-default value (so
+    ``--stages ship --ship`` ships the run as it was trained, not with the defaults)."""
     if args.config:
         return RecipeConfig.from_dict(json.loads(Path(args.config).read_text()))
+    cfg = _config_of_args(args)
+    saved = Path(args.out) / "recipe.json"
+    if not saved.is_file():
+        return cfg
+    defaults = _config_of_args(_parser().parse_args([]))
+    given = {
+        name: value
+        for name, value in cfg.to_dict().items()
+        if name != "out" and value != defaults.to_dict()[name]
+    }
+    return RecipeConfig.from_dict(json.loads(saved.read_text())).replace(out=args.out, **given)
+
+
+def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
     return RecipeConfig(
         out=args.out,
         budget_minutes=args.budget_minutes,
