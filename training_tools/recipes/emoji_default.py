@@ -876,6 +876,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if not args.config and (Path(args.out) / "recipe.json").is_file():
+            print(f"recipe: {args.out} goes on with its recipe.json (options set here override it)")
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
