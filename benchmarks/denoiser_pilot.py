@@ -139,14 +139,6 @@ def draw_batch(single: torch.Tensor, batch: int, fraction: float, gen: torch.Gen
     return torch.where(pick_single, a, b)
 
 
-def null_tokens(run: Path) -> torch.Tensor:
-    from snapgen_app.model.text_encoders import TextConditioner
-
-    conditioner = TextConditioner.from_pretrained(run / "text-init").eval()
-    with torch.no_grad():
-        return conditioner.encode_frozen([""])[0][0][0].float()
-
-
 def _quantize(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per slice over ``dims`` (kept as size-1 dims)."""
     scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-8) / 127.0
@@ -164,7 +156,7 @@ def make_pack(run: Path, cache: Path, per_class: int, per_category: int, out: Pa
     from training_tools.emoji_world.eval import make_prompts
 
     latents, caption_ids, text, single = load_cache(cache, per_class)
-    keep = single.nonzero().flatten() if not per_class else torch.arange(len(single))
+    keep = single.nonzero().flatten()
     latents, caption_ids = latents[keep], caption_ids[keep]
     used, caption_ids = torch.unique(caption_ids, return_inverse=True)
     latents_q, latents_scale = _quantize(latents.float(), (0, 1, 2, 3))
@@ -215,12 +207,12 @@ class Data:
             self.latents, self.caption_ids, self.text, self.single = load_cache(
                 Path(args.cache) if args.cache else run / "cache", args.per_class
             )
-            self.null = null_tokens(run)
             self.eval_tokens = {}
             self.autoencoder, self.classifier = run / "autoencoder" / "final", run / "classifier"
             from snapgen_app.model.text_encoders import TextConditioner
 
             self.conditioner = TextConditioner.from_pretrained(run / "text-init").eval()
+            self.null = self.tokens([""])[0]
 
     def tokens(self, texts: list[str]) -> torch.Tensor:
         if self.conditioner is None:
@@ -229,19 +221,19 @@ class Data:
             return self.conditioner.encode_frozen(texts)[0][0].float()
 
 
-def evaluate(model: nn.Module, data: Data, args: argparse.Namespace, out: Path) -> dict:
-    """EmojiEval of ``model`` at 28 steps, CFG 4 (the recipe's eval settings)."""
+def load_autoencoder(data: Data, device: torch.device) -> nn.Module:
     from snapgen_app.model.autoencoder import SnapGenAutoencoder
+
+    ae = SnapGenAutoencoder.from_pretrained(str(data.autoencoder), use_safetensors=True)
+    return ae.float().eval().to(device)
+
+
+def evaluate(model: nn.Module, ae: nn.Module, data: Data, args: argparse.Namespace, out: Path) -> dict:
+    """EmojiEval of ``model`` at 28 steps, CFG 4 (the recipe's eval settings)."""
     from training_tools.recipes.emoji_eval import run_eval
     from training_tools.samples import seeded_noise
 
     device = torch.device(args.device)
-    ae = (
-        SnapGenAutoencoder.from_pretrained(str(data.autoencoder), use_safetensors=True)
-        .float()
-        .eval()
-        .to(device)
-    )
     null = data.null.to(device)
 
     @torch.no_grad()
@@ -310,6 +302,7 @@ def main() -> None:
     model = build(args.arch).to(device)
     params = sum(p.numel() for p in model.parameters())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ae = load_autoencoder(data, device)  # loaded once for every eval point
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, foreach=True)
     gen = torch.Generator().manual_seed(0)
@@ -330,7 +323,7 @@ def main() -> None:
 
     def score(samples: int, train_s: float) -> None:
         started = time.monotonic()
-        report = evaluate(ema, data, args, out / f"eval-{samples}")
+        report = evaluate(ema, ae, data, args, out / f"eval-{samples}")
         row = {
             **base,
             "samples": samples,
