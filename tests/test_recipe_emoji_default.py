@@ -134,15 +134,18 @@ def test_config_rejects_unknown_stage_minutes() -> None:
 def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     """`--stages ship --ship` on a trained run keeps the run's settings (it once rewrote
     recipe.json with the defaults, and the ship stage then trained a classifier of its own)."""
-    from training_tools.recipes.emoji_default import _parser, config_from_args
+    from training_tools.recipes.emoji_default import config_from_args
 
     saved = RecipeConfig(out=str(tmp_path), budget_minutes=108.0, eval_per_category=40, classifier="clf")
     (tmp_path / "recipe.json").write_text(json.dumps(saved.to_dict()))
-    cfg = config_from_args(_parser().parse_args(["--out", str(tmp_path), "--stages", "ship", "--ship"]))
+    cfg = config_from_args(["--out", str(tmp_path), "--stages", "ship", "--ship"])
     assert (cfg.budget_minutes, cfg.eval_per_category, cfg.classifier) == (108.0, 40, "clf")
     # An option given with a non-default value still wins.
-    cfg = config_from_args(_parser().parse_args(["--out", str(tmp_path), "--threads", "1"]))
+    cfg = config_from_args(["--out", str(tmp_path), "--threads", "1"])
     assert (cfg.threads, cfg.budget_minutes) == (1, 108.0)
+    # So does one given with exactly its default value (80 here), and a flag mapped to another field.
+    cfg = config_from_args(["--out", str(tmp_path), "--eval-per-category", "80", "--sequential"])
+    assert (cfg.eval_per_category, cfg.parallel, cfg.budget_minutes) == (80, False, 108.0)
     # A new folder takes the command line as it is.
-    fresh = config_from_args(_parser().parse_args(["--out", str(tmp_path / "new")]))
+    fresh = config_from_args(["--out", str(tmp_path / "new")])
     assert fresh.budget_minutes == RecipeConfig().budget_minutes

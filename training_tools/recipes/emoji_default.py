@@ -832,23 +832,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RecipeConfig:
+def config_from_args(argv: Sequence[str]) -> RecipeConfig:
     """The RecipeConfig of a command line. A run folder that holds a ``recipe.json`` resumes with
-    that configuration, changed only by the options this command line sets to a non-default value (so
-    ``--stages ship --ship`` ships the run as it was trained, not with the defaults)."""
+    that configuration, changed only by the options this command line gives (so
+    ``--stages ship --ship`` ships the run as it was trained, not with the defaults, and
+    ``--eval-per-category 80`` on a run saved with 40 means 80 even though 80 is the default)."""
+    args = _parser().parse_args(argv)
     if args.config:
         return RecipeConfig.from_dict(json.loads(Path(args.config).read_text()))
     cfg = _config_of_args(args)
     saved = Path(args.out) / "recipe.json"
     if not saved.is_file():
         return cfg
-    defaults = _config_of_args(_parser().parse_args([]))
-    given = {
-        name: value
-        for name, value in cfg.to_dict().items()
-        if name != "out" and value != defaults.to_dict()[name]
-    }
-    return RecipeConfig.from_dict(json.loads(saved.read_text())).replace(out=args.out, **given)
+    given = _given_options(argv)
+    fields = {_FIELD_OF_OPTION.get(dest, dest) for dest in given} - {"out"}
+    values = cfg.to_dict()
+    return RecipeConfig.from_dict(json.loads(saved.read_text())).replace(
+        out=args.out, **{name: values[name] for name in fields if name in values}
+    )
+
+
+# Options whose RecipeConfig field has another name (the rest share theirs).
+_FIELD_OF_OPTION = {"no_ablation": "ablation", "sequential": "parallel"}
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """The dests of the options that ``argv`` sets, whatever their value (defaults suppressed)."""
+    parser = _parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
@@ -873,9 +886,10 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 done, 1 a stage failed, 2 bad usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(argv)
         if not args.config and (Path(args.out) / "recipe.json").is_file():
             print(f"recipe: {args.out} goes on with its recipe.json (options set here override it)")
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -886,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ship and "ship" not in stages:
             stages.append("ship")
         if args.background:
-            return _detach(argv if argv is not None else sys.argv[1:], Path(cfg.out))
+            return _detach(argv, Path(cfg.out))
         Recipe(cfg, log=lambda line: print(line, flush=True)).run(stages)
     except SnapGenError as exc:
         print(f"error: {exc}", file=sys.stderr)
