@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decoder_variants.py speed [--px 1024] [--runs 3] [--sd3]
     .venv/bin/python benchmarks/decoder_variants.py quality --data runs/emoji-v2/dataset [--steps 600]
+        [--variant NAME ...] [--threads 2]
 
 ``speed``: each variant of :data:`VARIANTS` (the paper-sized ``snapgen-tiny`` decoder with its options
 changed) exported with the bench's torchscript path and timed in ONNX Runtime fp32 (2 threads, median
@@ -96,18 +97,25 @@ def speed(px: int, runs: int, with_sd3: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def quality(data: str, steps: int, max_images: int) -> list[dict[str, Any]]:
+def quality(data: str, steps: int, max_images: int, names: list[str], threads: int) -> list[dict[str, Any]]:
     from snapgen_app.model import autoencoder as ae
     from training_tools.autoencoder_trainer import AutoencoderTrainConfig, train_autoencoder
 
     rows = []
     base = ae.autoencoder_preset("emoji")
     for index, (name, changes) in enumerate(VARIANTS.items()):
+        if name not in names:
+            continue
         preset = f"decoder-variant-{index}"
         ae.AUTOENCODER_PRESETS[preset] = dataclasses.replace(base, decoder=decoder_config(changes))
         with tempfile.TemporaryDirectory(prefix="snapgen-decoder-quality-") as tmp:
             cfg = AutoencoderTrainConfig(
-                data=data, preset=preset, minutes=600.0, max_images=max_images, max_steps=steps
+                data=data,
+                preset=preset,
+                minutes=600.0,
+                max_images=max_images,
+                max_steps=steps,
+                threads=threads,
             )
             started = time.perf_counter()
             final = train_autoencoder(cfg, tmp, resume=False)
@@ -137,13 +145,20 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--data", required=True, help="an emoji-world dataset folder")
     q.add_argument("--steps", type=int, default=600)
     q.add_argument("--max-images", type=int, default=4000)
+    q.add_argument(
+        "--variant",
+        action="append",
+        choices=list(VARIANTS),
+        help="train only this variant (repeatable; default: all)",
+    )
+    q.add_argument("--threads", type=int, default=2, help="torch threads of each training run")
     for p in (s, q):
         p.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     rows = (
         speed(args.px, args.runs, args.sd3)
         if args.what == "speed"
-        else quality(args.data, args.steps, args.max_images)
+        else quality(args.data, args.steps, args.max_images, args.variant or list(VARIANTS), args.threads)
     )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
