@@ -55,6 +55,24 @@ def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recipe, list[s
     return recipe, lines
 
 
+def test_a_stage_without_cooldown_is_finalised_at_the_step_it_reached(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    recipe, _ = recipe_run
+    import shutil
+
+    for part in ("dataset", "autoencoder", "text-init"):
+        if (recipe.out / part).exists():
+            shutil.copytree(recipe.out / part, tmp_path / part, symlinks=True)
+    lines: list[str] = []
+    cfg = recipe.cfg.replace(out=str(tmp_path), cooldown_fraction=0.0)
+    Recipe(cfg, log=lines.append).run(["dataset", "autoencoder", "teacher"])
+    assert any("teacher: finalising at step" in line for line in lines)
+    assert not any("cooldown" in line for line in lines)
+    saved = json.loads((tmp_path / "configs" / "teacher.json").read_text())
+    assert saved["optim"].get("decay_from", 0) == 0
+
+
 def test_stages_chain_into_a_step_distilled_checkpoint(recipe_run: tuple[Recipe, list[str]]) -> None:
     recipe, lines = recipe_run
     assert any("dataset: present, skipped" in line for line in lines)
@@ -78,8 +96,19 @@ def test_stages_chain_into_a_step_distilled_checkpoint(recipe_run: tuple[Recipe,
         assert cfg["flow"]["shift"] == recipe.cfg.flow_shift, stage
         index = json.loads((recipe.final(stage) / "model_index.json").read_text())
         assert index["_snapgen_defaults"]["shift"] == recipe.cfg.flow_shift, stage
-    # The budgeted stages were stopped by the recipe and finalised at the step they reached.
-    assert any("teacher: finalising at step" in line for line in lines)
+    # The budgeted stages were stopped by the recipe and ended with a cooldown: the run went on from
+    # the step it reached with the learning rate decaying to (nearly) 0 by its last step.
+    for stage in ("teacher", "distill", "step_distill"):
+        assert any(f"{stage}: cooldown, " in line for line in lines), stage
+        cfg = json.loads((recipe.out / "configs" / f"{stage}.json").read_text())  # the run's last config
+        assert 0 < cfg["optim"]["decay_from"] < cfg["max_steps"], stage
+        rates = [
+            json.loads(line)["data"]["lr"]
+            for line in (recipe.out / stage / "events.jsonl").read_text().splitlines()
+            if '"progress"' in line and '"lr"' in line
+        ]
+        if stage != "step_distill":  # its few steps here are still in its 20-step warm-up
+            assert rates[-1] < 0.5 * max(rates), (stage, rates)
     summary = recipe.summary()
     assert summary["teacher"]["steps"] == stage_info(recipe.out / "teacher")["steps"]
 
@@ -101,7 +130,9 @@ def test_rerun_skips_finished_stages_and_finalises_a_stopped_one(
     assert any("autoencoder: done, skipped" in line for line in lines)
     assert any("teacher: done, skipped" in line for line in lines)
     assert weights.stat().st_mtime_ns == before  # not trained again
-    assert any(f"distill: finalising at step {step}" in line for line in lines)
+    # Its cooldown had ended: it goes on with the saved cooldown config and only writes final/.
+    assert any("distill: cooldown goes on to step" in line for line in lines)
+    assert stage_info(again.out / "distill")["steps"] == step
     assert not any("distill: starting" in line or "distill: resuming" in line for line in lines)
     assert (again.final("distill") / "model_index.json").is_file()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,27 @@ def test_lora_finetune_merges_into_a_plain_unet(
     assert set(merged) == set(original)
     changed = [k for k in merged if not torch.equal(merged[k], original[k])]
     assert changed and all(k.rsplit(".", 2)[-2] in {"to_q", "to_k", "to_v", "to_out"} for k in changed)
+
+
+def test_a_cooldown_decays_the_learning_rate_from_its_step_and_may_be_added_at_resume(
+    tmp_path: Path, shapes: tuple[Path, Path]
+) -> None:
+    from training_tools.config import config_differences
+    from training_tools.trainer import lr_lambda
+
+    factor = lr_lambda(2, 10, "constant", decay_from=6)
+    assert [factor(s) for s in (0, 1, 2, 5)] == [0.5, 1.0, 1.0, 1.0]  # warm-up, then constant
+    cooling = [factor(s) for s in range(6, 11)]
+    assert cooling[0] == 1.0 and cooling[-1] == pytest.approx(0.0)
+    assert all(a > b for a, b in itertools.pairwise(cooling))  # falls every step
+    assert lr_lambda(2, 10, "constant")(9) == 1.0  # no cooldown without decay_from
+    # A run stopped on time goes on with a cooldown: only max_steps and optim.decay_from change.
+    data, cache = shapes
+    first = base_config(tmp_path / "run", data, cache, max_steps=100)
+    with pytest.raises(Cancelled):
+        run_quietly(first, stop_after=3)
+    cooled = base_config(tmp_path / "run", data, cache, **{"max_steps": 6, "optim.decay_from": 3})
+    assert config_differences(first, cooled) == []
+    run_quietly(cooled, resume=True)
+    rates = [e.data["lr"] for e in read_events(Path(cooled.run_dir)) if e.kind == "progress"]
+    assert rates[-1] < rates[0]

@@ -18,7 +18,11 @@ STAGES: tuple[str, ...] = ("pretrain", "distill", "step-distill", "finetune")
 
 # Fields that may differ between the saved config and the one given at resume time: they do not
 # change the math of the steps already taken (more steps, another export or sample cadence).
-RESUMABLE_CHANGES: frozenset[str] = frozenset({"max_steps", "sample_every", "log_every", "checkpoint_every"})
+# ``optim.decay_from`` only shapes the learning rate of steps still to come (a cooldown added to a
+# run that is stopped and continued).
+RESUMABLE_CHANGES: frozenset[str] = frozenset(
+    {"max_steps", "sample_every", "log_every", "checkpoint_every", "optim.decay_from"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +107,12 @@ class TeacherConfig(ConfigBase):
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(ConfigBase):
-    """AdamW + linear warm-up + constant (or cosine) schedule + EMA + clipping + accumulation."""
+    """AdamW + linear warm-up + constant (or cosine) schedule + EMA + clipping + accumulation.
+
+    ``decay_from`` > 0: a cooldown, the learning rate falls from its scheduled value to 0 on a
+    half cosine between that step and ``max_steps`` (warmup-stable-decay). A run stopped on time
+    is continued with it to end at a decayed learning rate.
+    """
 
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -115,9 +124,11 @@ class OptimConfig(ConfigBase):
     grad_accum: int = 1
     ema_decay: float = 0.999
     ema: bool = True
+    decay_from: int = 0
 
     def validate(self) -> None:
         require(self.lr > 0, "optim.lr", f"{self.lr} must be positive")
+        require(self.decay_from >= 0, "optim.decay_from", "must be >= 0")
         require(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
         require(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")

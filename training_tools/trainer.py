@@ -60,16 +60,20 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + micro * 101 + rank) % (2**63 - 1))
 
 
-def lr_lambda(warmup: int, total: int, kind: str) -> Any:
-    """LR multiplier per optimizer step: linear warm-up, then constant or cosine to 0."""
+def lr_lambda(warmup: int, total: int, kind: str, decay_from: int = 0) -> Any:
+    """LR multiplier per optimizer step: linear warm-up, then constant or cosine to 0; with
+    ``decay_from`` > 0 also a half-cosine cooldown to 0 from that step to ``total``."""
+
+    def cosine(progress: float) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
-        if kind == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+        base = cosine((step - warmup) / max(1, total - warmup)) if kind == "cosine" else 1.0
+        if 0 < decay_from <= step:
+            base *= cosine((step - decay_from) / max(1, total - decay_from))
+        return base
 
     return factor
 
@@ -215,7 +219,7 @@ class Trainer:
         o = cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(o.warmup_steps, cfg.max_steps, o.schedule)
+            optimizer, lr_lambda(o.warmup_steps, cfg.max_steps, o.schedule, o.decay_from)
         )
         disc_opt = (
             torch.optim.AdamW(disc.parameters(), lr=cfg.step_distill.disc_lr, betas=(0.0, 0.99))
