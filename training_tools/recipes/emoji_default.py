@@ -109,7 +109,8 @@ class RecipeConfig(ConfigBase):
     adv_weight: float = 0.1
     # Share of each budgeted stage spent in a learning-rate cooldown at its end (warmup-stable-decay).
     # Measured (docs/training.md): 5 min of cosine decay after the 90-min teacher raised single-object
-    # from 27.5 to 33.75 % on the same 80 prompts and seeds.
+    # from 27.5 to 33.75 % on the same 80 prompts and seeds; on the KD student (with a fresh optimizer
+    # and projector) no gain, 22.5 -> 18.75 %, within noise. Not yet run end to end.
     cooldown_fraction: float = 0.1
     checkpoint_every: int = 200
     threads: int = 2  # torch threads of a stage that runs alone
