@@ -46,12 +46,12 @@ from training_tools import flow
 
 
 class SnapGenWrap(nn.Module):
-    def __init__(self, dense: bool, preset: str = "tiny-emoji-student") -> None:
+    def __init__(self, dense: bool, preset: str = "tiny-emoji-student", channels: int = 16) -> None:
         super().__init__()
         from snapgen_app.model.presets import unet_preset
         from snapgen_app.model.unet import SnapGenUNet
 
-        cfg = unet_preset(preset).replace(pooled_dim=0)
+        cfg = unet_preset(preset).replace(pooled_dim=0, in_channels=channels, out_channels=channels)
         if dense:
             cfg = cfg.replace(separable_conv=False, conv_expansion=1.0)
         self.net = SnapGenUNet.from_unet_config(cfg)
@@ -61,14 +61,14 @@ class SnapGenWrap(nn.Module):
 
 
 class DiffusersWrap(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 16) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
 
         self.net = UNet2DConditionModel(
             sample_size=16,
-            in_channels=16,
-            out_channels=16,
+            in_channels=channels,
+            out_channels=channels,
             block_out_channels=(64, 128, 192),
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -82,15 +82,16 @@ class DiffusersWrap(nn.Module):
         return self.net(x, t * 1000.0, encoder_hidden_states=tokens).sample
 
 
-def build(arch: str) -> nn.Module:
+def build(arch: str, channels: int = 16) -> nn.Module:
+    """The denoiser ``arch`` for ``channels``-channel latents (the cache's autoencoder decides)."""
     if arch == "snapgen-student":
-        return SnapGenWrap(dense=False)
+        return SnapGenWrap(dense=False, channels=channels)
     if arch == "snapgen-teacher":
-        return SnapGenWrap(dense=False, preset="tiny-emoji-teacher")
+        return SnapGenWrap(dense=False, preset="tiny-emoji-teacher", channels=channels)
     if arch == "snapgen-dense":
-        return SnapGenWrap(dense=True)
+        return SnapGenWrap(dense=True, channels=channels)
     if arch == "diffusers-feasibility":
-        return DiffusersWrap()
+        return DiffusersWrap(channels)
     raise SystemExit(f"unknown arch {arch}")
 
 
@@ -240,7 +241,7 @@ def evaluate(model: nn.Module, ae: nn.Module, data: Data, args: argparse.Namespa
     def generate(texts: list[str], seeds: list[int]) -> list[np.ndarray]:
         tok = data.tokens(texts).to(device)
         unc = null.expand_as(tok)
-        x = seeded_noise(seeds, (16, 16, 16)).to(device)
+        x = seeded_noise(seeds, tuple(data.latents.shape[1:])).to(device)
         times = flow.schedule(28, args.shift).to(device)
         for i in range(28):
             tt = times[i].expand(x.shape[0])
@@ -299,7 +300,7 @@ def main() -> None:
     print(f"{len(data.latents)} training images", flush=True)
     latents, text, null = data.latents.to(device), data.text.to(device), data.null.to(device)
     caption_ids, single = data.caption_ids.to(device), data.single
-    model = build(args.arch).to(device)
+    model = build(args.arch, latents.shape[1]).to(device)
     params = sum(p.numel() for p in model.parameters())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ae = load_autoencoder(data, device)  # loaded once for every eval point

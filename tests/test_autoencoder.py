@@ -72,11 +72,15 @@ def test_snapgen_tiny_is_about_36x_smaller_than_sd3_decoder() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(AUTOENCODER_PRESETS))
-def test_presets_use_16_channels_at_8x(name: str) -> None:
+def test_presets_are_8x_with_one_latent_width(name: str) -> None:
     config = autoencoder_preset(name)
-    assert config.latent_channels == 16
+    assert config.encoder.latent_channels == config.decoder.latent_channels == config.latent_channels
     assert config.scale_factor == 8
     assert AutoencoderConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_the_papers_decoder_preset_uses_16_channels() -> None:
+    assert autoencoder_preset("snapgen-tiny").latent_channels == 16
 
 
 def test_encoder_and_decoder_shapes_at_8x() -> None:

@@ -180,3 +180,5 @@ def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     # A new folder takes the command line as it is.
     fresh = config_from_args(["--out", str(tmp_path / "new")])
     assert fresh.budget_minutes == RecipeConfig().budget_minutes
+    other = config_from_args(["--out", str(tmp_path / "new"), "--autoencoder-preset", "emoji-c8"])
+    assert other.autoencoder_preset == "emoji-c8"

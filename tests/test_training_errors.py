@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import test_training_helpers as helpers
 import torch
-from test_training_helpers import base_config, run_quietly, save_unet2d_teacher
+from test_training_helpers import (
+    base_config,
+    run_quietly,
+    save_autoencoder,
+    save_snapgen_teacher,
+    save_unet2d_teacher,
+)
 
 from snapgen_app.errors import ConfigError, TrainingError
 from training_tools import checkpoint
@@ -69,6 +75,24 @@ def test_teacher_with_another_latent_space_is_refused(tmp_path: Path, shapes: tu
     with pytest.raises(
         TrainingError, match=r"4-channel latent space .* 16-channel one: their latent spaces are incompatible"
     ):
+        run_quietly(cfg)
+
+
+def test_a_unet_checkpoint_of_another_latent_space_than_the_autoencoder_is_refused(
+    tmp_path: Path, shapes: tuple[Path, Path]
+) -> None:
+    data, _ = shapes
+    unet = save_snapgen_teacher(tmp_path / "unet16")  # the tiny preset: 16 channels
+    cfg = base_config(
+        tmp_path,
+        data,
+        tmp_path / "cache",
+        **{
+            "model.unet_path": str(unet),
+            "model.autoencoder_path": str(save_autoencoder(tmp_path / "ae8", 8)),
+        },
+    )
+    with pytest.raises(TrainingError, match="8-channel latents but the UNet takes 16 channels"):
         run_quietly(cfg)
 
 

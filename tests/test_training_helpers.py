@@ -183,3 +183,18 @@ def run_quietly(cfg: TrainConfig, **kwargs: Any) -> dict[str, Any]:
 
     with contextlib.redirect_stdout(io.StringIO()):
         return Trainer(cfg, **kwargs).run()
+
+
+def save_autoencoder(folder: Path, latent_channels: int, seed: int = 3) -> Path:
+    """A randomly initialised ``tiny``-preset autoencoder with ``latent_channels``, diffusers layout."""
+    from snapgen_app.model.autoencoder import SnapGenAutoencoder, autoencoder_preset
+
+    torch.manual_seed(seed)
+    cfg = autoencoder_preset("tiny")
+    cfg = cfg.replace(
+        latent_channels=latent_channels,
+        encoder=cfg.encoder.replace(latent_channels=latent_channels),
+        decoder=cfg.decoder.replace(latent_channels=latent_channels),
+    )
+    SnapGenAutoencoder.from_autoencoder_config(cfg).save_pretrained(str(folder))
+    return folder

@@ -258,3 +258,31 @@ def test_a_cooldown_decays_the_learning_rate_from_its_step_and_may_be_added_at_r
     run_quietly(cooled, resume=True)
     rates = [e.data["lr"] for e in read_events(Path(cooled.run_dir)) if e.kind == "progress"]
     assert rates[-1] < rates[0]
+
+
+def test_a_preset_unet_takes_the_latent_channels_of_its_autoencoder(
+    tmp_path: Path, shapes: tuple[Path, Path]
+) -> None:
+    """Presets name an architecture: with an 8-channel autoencoder the UNet takes and predicts 8
+    channels, samples and checkpoints follow, and a student distilled from it does too."""
+    data, _ = shapes
+    ae8 = str(helpers.save_autoencoder(tmp_path / "ae8", 8))
+    cache = tmp_path / "cache8"
+    teacher_cfg = base_config(
+        tmp_path / "t", data, cache, max_steps=3, sample_every=3, **{"model.autoencoder_path": ae8}
+    )
+    final = Path(run_quietly(teacher_cfg)["final"])
+    unet = SnapGenUNet.from_pretrained(final / "unet")
+    assert (unet.unet_config.in_channels, unet.unet_config.out_channels) == (8, 8)
+    previews = [e for e in read_events(Path(teacher_cfg.run_dir)) if e.kind == "preview"]
+    assert previews and all(Path(p).is_file() for e in previews for p in e.data["samples"])
+    student_cfg = base_config(
+        tmp_path / "s",
+        data,
+        cache,
+        stage="distill",
+        max_steps=2,
+        **{"model.autoencoder_path": ae8, "teacher.kind": "snapgen", "teacher.path": str(final / "unet")},
+    )
+    student = SnapGenUNet.from_pretrained(Path(run_quietly(student_cfg)["final"]) / "unet")
+    assert student.unet_config.in_channels == 8

@@ -242,10 +242,10 @@ def estimate_run(cfg: Any, device: torch.device, device_tflops: float | None = N
     ``device_tflops`` replaces the measured matmul speed (to estimate for another machine).
     """
     from snapgen_app.model.unet import SnapGenUNet
-    from training_tools.models import student_unet_config
+    from training_tools.models import check_latent_space, student_unet_config
 
-    ucfg = student_unet_config(cfg.model)
     channels, factor = _latent_geometry(cfg)
+    ucfg = student_unet_config(cfg.model, channels)
     multiple = factor * ucfg.latent_multiple
     if cfg.data.resolution % multiple != 0:
         from snapgen_app.errors import TrainingError
@@ -255,13 +255,7 @@ def estimate_run(cfg: Any, device: torch.device, device_tflops: float | None = N
             f"(autoencoder {factor}x times the UNet's {ucfg.latent_multiple}x)",
             hint="pick a resolution that is a multiple of that number",
         )
-    if channels != ucfg.in_channels:
-        from snapgen_app.errors import TrainingError
-
-        raise TrainingError(
-            f"the autoencoder makes {channels}-channel latents but the UNet takes {ucfg.in_channels} channels",
-            hint="use an autoencoder and UNet of the same latent space (SnapGen: 16 channels)",
-        )
+    check_latent_space(channels, ucfg)
     side = cfg.data.resolution // factor
     tokens, context_dim, pooled_dim = _text_shape(cfg)
     dtype = torch.float32 if cfg.mixed_precision == "no" else torch.bfloat16

@@ -38,37 +38,50 @@ def _require_weights(folder: Path, what: str) -> None:
         )
 
 
-def student_unet_config(model: ModelSourceConfig) -> UNetConfig:
-    """The student's architecture (from the checkpoint's config.json or the preset), without weights."""
+def student_unet_config(model: ModelSourceConfig, latent_channels: int | None = None) -> UNetConfig:
+    """The student's architecture (from the checkpoint's config.json or the preset), without weights.
+
+    A preset names an architecture, not a latent space: with ``latent_channels`` it takes and
+    predicts that many channels (the autoencoder's). A checkpoint keeps the channels it was trained with.
+    """
     if model.unet_path:
         folder = Path(model.unet_path)
         _require_weights(folder, "model.unet_path")
         raw = json.loads((folder / "config.json").read_text())
         return UNetConfig.from_dict({k: v for k, v in raw.items() if not k.startswith("_")})
-    return unet_preset(model.unet_preset)
+    config = unet_preset(model.unet_preset)
+    if latent_channels is not None:
+        config = config.replace(in_channels=latent_channels, out_channels=latent_channels)
+    return config
+
+
+def check_latent_space(latent_channels: int, unet_config: UNetConfig) -> None:
+    """Raise TrainingError unless the UNet takes the autoencoder's latent channels."""
+    if latent_channels != unet_config.in_channels:
+        raise TrainingError(
+            f"the autoencoder makes {latent_channels}-channel latents but the UNet takes "
+            f"{unet_config.in_channels} channels",
+            hint="use an autoencoder and UNet checkpoint of the same latent space",
+        )
 
 
 def build_student_parts(cfg: TrainConfig) -> StudentParts:
     """Student UNet, autoencoder and text step as the config says; checks their latent spaces agree."""
     m = cfg.model
-    if m.unet_path:
-        _require_weights(Path(m.unet_path), "model.unet_path")
-        unet = SnapGenUNet.from_pretrained(m.unet_path, use_safetensors=True)
-    else:
-        unet = SnapGenUNet.from_unet_config(unet_preset(m.unet_preset))
     if m.autoencoder_path:
         _require_weights(Path(m.autoencoder_path), "model.autoencoder_path")
         autoencoder = SnapGenAutoencoder.from_pretrained(m.autoencoder_path, use_safetensors=True)
     else:
         autoencoder = SnapGenAutoencoder.from_autoencoder_config(autoencoder_preset(m.autoencoder_preset))
     autoencoder.eval().requires_grad_(False)
-    ucfg = unet.unet_config
     latent = autoencoder.autoencoder_config.latent_channels
-    if latent != ucfg.in_channels:
-        raise TrainingError(
-            f"the autoencoder makes {latent}-channel latents but the UNet takes {ucfg.in_channels} channels",
-            hint="use an autoencoder and UNet of the same latent space (SnapGen: 16 channels)",
-        )
+    if m.unet_path:
+        _require_weights(Path(m.unet_path), "model.unet_path")
+        unet = SnapGenUNet.from_pretrained(m.unet_path, use_safetensors=True)
+    else:
+        unet = SnapGenUNet.from_unet_config(student_unet_config(m, latent))
+    ucfg = unet.unet_config
+    check_latent_space(latent, ucfg)
     if cfg.data.resolution % (autoencoder.scale_factor * ucfg.latent_multiple) != 0:
         raise TrainingError(
             f"data.resolution {cfg.data.resolution} is not a multiple of {autoencoder.scale_factor * ucfg.latent_multiple} "

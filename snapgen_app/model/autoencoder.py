@@ -319,6 +319,26 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
         encoder=EncoderConfig(block_out_channels=(16, 64, 128, 192), layers_per_block=1, norm_groups=8),
         decoder=DecoderConfig(block_out_channels=(192, 128, 64, 16), layers_per_block=2, norm_groups=8),
     ),
+    # The same with an 8-channel latent (the emoji-world feasibility run's 16x16x8): half the
+    # numbers for the denoiser to model per image.
+    "emoji-c8": AutoencoderConfig(
+        latent_channels=8,
+        encoder=EncoderConfig(
+            block_out_channels=(16, 64, 128, 192), layers_per_block=1, norm_groups=8, latent_channels=8
+        ),
+        decoder=DecoderConfig(
+            block_out_channels=(192, 128, 64, 16), layers_per_block=2, norm_groups=8, latent_channels=8
+        ),
+    ),
+    "emoji-c4": AutoencoderConfig(
+        latent_channels=4,
+        encoder=EncoderConfig(
+            block_out_channels=(16, 64, 128, 192), layers_per_block=1, norm_groups=8, latent_channels=4
+        ),
+        decoder=DecoderConfig(
+            block_out_channels=(192, 128, 64, 16), layers_per_block=2, norm_groups=8, latent_channels=4
+        ),
+    ),
     # Tests only: a few thousand parameters, still 16 channels and 8x.
     "tiny": AutoencoderConfig(
         latent_channels=16,

@@ -835,6 +835,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stage-minutes", nargs="*", default=[], metavar="STAGE=MIN", help="override a stage's share"
     )
+    p.add_argument(
+        "--autoencoder-preset",
+        default=RecipeConfig.autoencoder_preset,
+        help="autoencoder preset; the UNets take its latent channels (default %(default)s)",
+    )
     p.add_argument("--num-images", type=int, default=30000)
     p.add_argument("--denoiser-images", type=int, default=0, help="images the denoisers train on (0 = all)")
     p.add_argument("--num-classes", type=int, default=150)
@@ -916,6 +921,7 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
         out=args.out,
         budget_minutes=args.budget_minutes,
         stage_minutes=_parse_stage_minutes(args.stage_minutes),
+        autoencoder_preset=args.autoencoder_preset,
         num_images=args.num_images,
         denoiser_images=args.denoiser_images,
         num_classes=args.num_classes,

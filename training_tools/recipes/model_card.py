@@ -170,6 +170,7 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
     results = summary.get("eval", {})
     ae = summary.get("autoencoder", {})
     d = manifest.defaults
+    latent = d.width // manifest.model.vae_scale_factor
     timing = measured.get("generate", {})
     lines = [
         "# snapgen-emoji: the built-in default model",
@@ -190,8 +191,10 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         "## Architecture",
         "- UNet: `tiny-emoji-student` (SnapGen design at small widths: separable-conv res blocks, multi-query",
         "  attention with RMS-normed q/k, cross-attention from the first stage, GEGLU FFN x3), 8.9 M parameters,",
-        "  16x16x16 latents. Teacher: `tiny-emoji-teacher`, 33 M parameters, same design, wider and deeper.",
-        "- Autoencoder: preset `emoji` (attention-free separable-conv encoder/decoder, 16 channels, 8x), held-out",
+        f"  {latent}x{latent}x{manifest.model.latent_channels} latents. Teacher: `tiny-emoji-teacher`, 33 M "
+        "parameters, same design, wider and deeper.",
+        f"- Autoencoder: preset `{cfg.autoencoder_preset}` (attention-free separable-conv encoder/decoder, "
+        f"{manifest.model.latent_channels} channels, {manifest.model.vae_scale_factor}x), held-out",
         f"  PSNR {ae.get('heldout_psnr_db', '-')} dB after {ae.get('train_minutes', '-')} min.",
         "- Text: all-MiniLM-L6-v2 (frozen; 384-d tokens padded to "
         f"{cfg.text_max_length}) + trained projections; in the bundle: dynamic int8 MatMuls plus int8 word embeddings",
