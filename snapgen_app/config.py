@@ -462,6 +462,14 @@ class AutoencoderConfig(ConfigBase):
         """Pixels per latent cell along each side (the ``vae_scale_factor`` of the bundle)."""
         return self.decoder.scale_factor
 
+    def with_latent_channels(self, channels: int) -> AutoencoderConfig:
+        """The same autoencoder with a ``channels``-wide latent (encoder and decoder follow)."""
+        return self.replace(
+            latent_channels=channels,
+            encoder=self.encoder.replace(latent_channels=channels),
+            decoder=self.decoder.replace(latent_channels=channels),
+        )
+
 
 TEXT_ENCODER_POOLING: dict[str, tuple[str, ...]] = {
     "minilm": ("mean_normalized", "mean"),

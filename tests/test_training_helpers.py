@@ -190,11 +190,6 @@ def save_autoencoder(folder: Path, latent_channels: int, seed: int = 3) -> Path:
     from snapgen_app.model.autoencoder import SnapGenAutoencoder, autoencoder_preset
 
     torch.manual_seed(seed)
-    cfg = autoencoder_preset("tiny")
-    cfg = cfg.replace(
-        latent_channels=latent_channels,
-        encoder=cfg.encoder.replace(latent_channels=latent_channels),
-        decoder=cfg.decoder.replace(latent_channels=latent_channels),
-    )
+    cfg = autoencoder_preset("tiny").with_latent_channels(latent_channels)
     SnapGenAutoencoder.from_autoencoder_config(cfg).save_pretrained(str(folder))
     return folder

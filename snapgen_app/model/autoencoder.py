@@ -301,6 +301,16 @@ class SnapGenAutoencoder(ModelMixin, ConfigMixin):
 SD3_SCALING_FACTOR = 1.5305
 SD3_SHIFT_FACTOR = 0.0609
 
+# 128 px emoji images -> 16x16x16 latents; sized to train on 2 CPU cores in ~20 minutes. The
+# full-resolution stages are thin (16 channels) because they dominate training time there (~1.5x
+# more 64-px crops/s than 32 channels); norm_groups 8 keeps 2 channels per group so GroupNorm does
+# not erase per-channel colour.
+_EMOJI = AutoencoderConfig(
+    latent_channels=16,
+    encoder=EncoderConfig(block_out_channels=(16, 64, 128, 192), layers_per_block=1, norm_groups=8),
+    decoder=DecoderConfig(block_out_channels=(192, 128, 64, 16), layers_per_block=2, norm_groups=8),
+)
+
 AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     # The paper's decoder: ~1.38 M parameters, 16-channel latent, 8x, no attention.
     "snapgen-tiny": AutoencoderConfig(
@@ -310,35 +320,11 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
         encoder=EncoderConfig(block_out_channels=(48, 96, 192, 288), layers_per_block=2),
         decoder=DecoderConfig(block_out_channels=(288, 224, 112, 48), layers_per_block=2),
     ),
-    # 128 px emoji images -> 16x16x16 latents; sized to train on 2 CPU cores in ~20 minutes. The
-    # full-resolution stages are thin (16 channels) because they dominate training time there
-    # (~1.5x more 64-px crops/s than 32 channels); norm_groups 8 keeps 2 channels per group so
-    # GroupNorm does not erase per-channel colour.
-    "emoji": AutoencoderConfig(
-        latent_channels=16,
-        encoder=EncoderConfig(block_out_channels=(16, 64, 128, 192), layers_per_block=1, norm_groups=8),
-        decoder=DecoderConfig(block_out_channels=(192, 128, 64, 16), layers_per_block=2, norm_groups=8),
-    ),
-    # The same with an 8-channel latent (the emoji-world feasibility run's 16x16x8): half the
-    # numbers for the denoiser to model per image.
-    "emoji-c8": AutoencoderConfig(
-        latent_channels=8,
-        encoder=EncoderConfig(
-            block_out_channels=(16, 64, 128, 192), layers_per_block=1, norm_groups=8, latent_channels=8
-        ),
-        decoder=DecoderConfig(
-            block_out_channels=(192, 128, 64, 16), layers_per_block=2, norm_groups=8, latent_channels=8
-        ),
-    ),
-    "emoji-c4": AutoencoderConfig(
-        latent_channels=4,
-        encoder=EncoderConfig(
-            block_out_channels=(16, 64, 128, 192), layers_per_block=1, norm_groups=8, latent_channels=4
-        ),
-        decoder=DecoderConfig(
-            block_out_channels=(192, 128, 64, 16), layers_per_block=2, norm_groups=8, latent_channels=4
-        ),
-    ),
+    "emoji": _EMOJI,
+    # The same with 8- and 4-channel latents (the emoji-world feasibility run used 16x16x8); a pilot
+    # found no faster learning with them (docs/training.md).
+    "emoji-c8": _EMOJI.with_latent_channels(8),
+    "emoji-c4": _EMOJI.with_latent_channels(4),
     # Tests only: a few thousand parameters, still 16 channels and 8x.
     "tiny": AutoencoderConfig(
         latent_channels=16,
