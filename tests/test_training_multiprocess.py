@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import test_training_helpers as helpers
 from test_training_helpers import base_config, read_events, subprocess_env, write_config
 
@@ -26,7 +29,9 @@ def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -
     accelerate = Path(sys.executable).with_name("accelerate")
     env = subprocess_env()
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes even on a GPU machine: gloo, as in the issue
-    done = subprocess.run(
+    # Its own process group: on a timeout every rank goes (a rank left waiting for a peer once
+    # outlived the launcher), and the output says how far the ranks got.
+    proc = subprocess.Popen(
         [
             str(accelerate),
             "launch",
@@ -46,13 +51,20 @@ def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -
             "pretrain",
             str(path),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=400,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"two-process run still going after 400 s; its stderr:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
     events = read_events(Path(cfg.run_dir))
     assert events[-1].kind == "finished"
     progress = [e for e in events if e.kind == "progress"]
