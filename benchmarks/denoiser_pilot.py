@@ -21,6 +21,11 @@ sample count (``results.jsonl``)::
     python benchmarks/denoiser_pilot.py --arch snapgen-student --pack .gpu/pack --device cuda \
         --batch 32 --eval-at 83200,166400,332800 --minutes 7 --out $OUT/student
 
+Diagnostic switches (session 7): ``--condition class`` replaces the MiniLM states by two learned
+tokens (the object's class, the caption's background colour), which isolates the text pathway;
+``--decay-from STEP`` lets the learning rate fall on a half cosine to 0 at ``--steps``;
+``--ema-decay`` sets the EMA (default 0.995).
+
 Architectures: ``snapgen-teacher`` (preset tiny-emoji-teacher without the pooled input),
 ``snapgen-student`` (preset tiny-emoji-student without the pooled input),
 ``snapgen-dense`` (the same with dense 3x3 convs), ``diffusers-feasibility`` (the emoji-world
@@ -33,6 +38,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -80,6 +87,32 @@ class DiffusersWrap(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(x, t * 1000.0, encoder_hidden_states=tokens).sample
+
+
+class ClassCondWrap(nn.Module):
+    """``--condition class``: the denoiser sees two learned tokens (the object's class, the caption's
+    background colour or none) instead of MiniLM states; index ``n`` of each table is the null token.
+    A diagnostic of the text pathway: same UNet, same cross-attention width."""
+
+    def __init__(self, inner: nn.Module, classes: int, backgrounds: int, width: int = 384) -> None:
+        super().__init__()
+        self.inner = inner
+        self.cls = nn.Embedding(classes + 1, width)
+        self.bg = nn.Embedding(backgrounds + 1, width)
+        nn.init.normal_(self.cls.weight, std=0.5)
+        nn.init.normal_(self.bg.weight, std=0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, t, torch.stack([self.cls(ids[:, 0]), self.bg(ids[:, 1])], 1))
+
+
+_BACKGROUND = re.compile(r" on an? (\w+) background$")
+
+
+def class_ids(text: str, cls: int, colours: list[str]) -> list[int]:
+    """[class, background] of a caption; the background index is len(colours) when it names none."""
+    m = _BACKGROUND.search(text)
+    return [cls, colours.index(m.group(1)) if m and m.group(1) in colours else len(colours)]
 
 
 def build(arch: str, channels: int = 16) -> nn.Module:
@@ -214,6 +247,35 @@ class Data:
 
             self.conditioner = TextConditioner.from_pretrained(run / "text-init").eval()
             self.null = self.tokens([""])[0]
+            if args.condition == "class":
+                self._use_class_tokens(run, Path(args.cache) if args.cache else run / "cache", args)
+
+    def _use_class_tokens(self, run: Path, cache: Path, args: argparse.Namespace) -> None:
+        """Replace caption states by [class, background] ids (``--condition class``)."""
+        from training_tools.emoji_world.classifier import load_classifier
+        from training_tools.emoji_world.eval import make_prompts
+
+        index = json.loads((cache / "index.json").read_text())
+        folder = Path(index["entries"][0]["file"]).parent
+        cls_of_caption: dict[int, int] = {}
+        names = {}
+        for line in (folder / "metadata.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            names[row["file_name"]] = row["objects"][0]["class_index"]
+        for entry in index["entries"]:
+            cls_of_caption[entry["caption"]] = names[Path(entry["file"]).name]
+        _, classes = load_classifier(run / "classifier")
+        colours = sorted({c for k in classes for c in k.backgrounds})
+        self.num_classes, self.num_backgrounds = len(classes), len(colours)
+        captions = index["captions"]
+        table = [class_ids(captions[i], cls_of_caption.get(i, 0), colours) for i in range(len(captions))]
+        self.text = torch.tensor(table)
+        self.null = torch.tensor([len(classes), len(colours)])
+        self.conditioner = None
+        self.eval_tokens = {
+            spec.text: torch.tensor(class_ids(spec.text, spec.classes[0], colours))
+            for spec in make_prompts(classes, args.per_category)
+        }
 
     def tokens(self, texts: list[str]) -> torch.Tensor:
         if self.conditioner is None:
@@ -256,6 +318,15 @@ def evaluate(model: nn.Module, ae: nn.Module, data: Data, args: argparse.Namespa
     return run_eval(generate, data.classifier, args.per_category, out / "images", with_frechet=not args.pack)
 
 
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """100 warm-up steps, constant, then (with ``--decay-from``) a half cosine to 0 at ``--steps``."""
+    lr = args.lr * min(1.0, (step + 1) / 100)
+    if args.decay_from and step >= args.decay_from:
+        frac = (step - args.decay_from) / max(1, args.steps - args.decay_from)
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return lr
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="snapgen-student")
@@ -277,6 +348,19 @@ def main() -> None:
     p.add_argument("--eval-at", default="", help="also score the EMA model at these sample counts")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--decay-from",
+        type=int,
+        default=0,
+        help="from this optimizer step on, the learning rate falls on a half cosine to 0 at --steps",
+    )
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument(
+        "--condition",
+        choices=("text", "class"),
+        default="text",
+        help="text: frozen MiniLM states; class: two learned tokens (class, background), a diagnostic",
+    )
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -300,7 +384,10 @@ def main() -> None:
     print(f"{len(data.latents)} training images", flush=True)
     latents, text, null = data.latents.to(device), data.text.to(device), data.null.to(device)
     caption_ids, single = data.caption_ids.to(device), data.single
-    model = build(args.arch, latents.shape[1]).to(device)
+    model = build(args.arch, latents.shape[1])
+    if args.condition == "class":
+        model = ClassCondWrap(model, data.num_classes, data.num_backgrounds)
+    model = model.to(device)
     params = sum(p.numel() for p in model.parameters())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ae = load_autoencoder(data, device)  # loaded once for every eval point
@@ -315,6 +402,9 @@ def main() -> None:
         "batch": args.batch,
         "lr": args.lr,
         "shift": args.shift,
+        "decay_from": args.decay_from,
+        "ema_decay": args.ema_decay,
+        "condition": args.condition,
         "device": args.device,
         "threads": args.threads,
     }
@@ -351,7 +441,7 @@ def main() -> None:
         eps = torch.randn(x0.shape, generator=gen).to(device)
         t = flow.sample_t(args.batch, mean=0.0, std=1.0, shift=args.shift, generator=gen).to(device)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / 100)
+            g["lr"] = lr_at(step, args)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             v = model(flow.add_noise(x0, eps, t), t, tokens)
         loss = torch.nn.functional.mse_loss(v.float(), flow.velocity_target(x0, eps))
@@ -360,7 +450,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1 - 0.995)
+            torch._foreach_lerp_(ema_params, model_params, 1 - args.ema_decay)
         step += 1
         samples = step * args.batch
         if step % 100 == 0 or (eval_at and samples >= eval_at[0]):

@@ -43,3 +43,27 @@ def test_max_steps_stops_the_run_and_lands_in_the_metrics(tmp_path: Path) -> Non
     assert np.isfinite(metrics["heldout_psnr_db"])
     with pytest.raises(ConfigError, match="max_steps"):
         AutoencoderTrainConfig(data="x", max_steps=-1)
+
+
+def test_scale_equivariance_term_decodes_downsampled_latents_to_downsampled_images() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from snapgen_app.model.autoencoder import SnapGenAutoencoder, autoencoder_preset
+    from training_tools.autoencoder_trainer import reconstruction_loss
+
+    torch.manual_seed(0)
+    model = SnapGenAutoencoder.from_autoencoder_config(autoencoder_preset("tiny")).eval()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain_cfg = AutoencoderTrainConfig(data="x")
+    total, terms = reconstruction_loss(model, images, plain_cfg)
+    assert "scale_equivariance" not in terms
+    cfg = AutoencoderTrainConfig(data="x", scale_equivariance_weight=0.5)
+    with torch.no_grad():
+        total_se, terms_se = reconstruction_loss(model, images, cfg)
+        mean, _ = model.encode_moments(images)
+        expected = (model.decoder(F.avg_pool2d(mean, 2)) - F.avg_pool2d(images, 2)).abs().mean()
+    assert terms_se["scale_equivariance"] == pytest.approx(float(expected), rel=1e-5)
+    assert float(total_se) == pytest.approx(float(total) + 0.5 * float(expected), rel=1e-5)
+    with pytest.raises(ConfigError, match="scale_equivariance_weight"):
+        AutoencoderTrainConfig(data="x", scale_equivariance_weight=-1.0)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from snapgen_app.config import ConfigBase, require
@@ -63,6 +64,9 @@ class AutoencoderTrainConfig(ConfigBase):
     weight_decay: float = 0.0
     edge_weight: float = 0.5
     latent_weight: float = 1e-4
+    # > 0: the decoder also reconstructs 2x-downsampled images from 2x-downsampled latents (scale
+    # equivariance, Skorokhodov et al. 2025), which removes latent high frequencies the image lacks.
+    scale_equivariance_weight: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 2
@@ -81,6 +85,7 @@ class AutoencoderTrainConfig(ConfigBase):
         require(self.max_images >= 1 and self.heldout >= 1, "max_images", "must be >= 1")
         require(self.lr > 0, "lr", "must be positive")
         require(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = time budget only)")
+        require(self.scale_equivariance_weight >= 0, "scale_equivariance_weight", "must be >= 0")
 
 
 def load_images(paths: list[str], resolution: int) -> torch.Tensor:
@@ -117,11 +122,13 @@ def reconstruction_loss(
     edge = gradient_l1(recon, images)
     latent = mean.float().pow(2).mean()
     total = l1 + cfg.edge_weight * edge + cfg.latent_weight * latent
-    return total, {
-        "l1": float(l1.detach()),
-        "edge": float(edge.detach()),
-        "latent_sq": float(latent.detach()),
-    }
+    terms = {"l1": float(l1.detach()), "edge": float(edge.detach()), "latent_sq": float(latent.detach())}
+    if cfg.scale_equivariance_weight > 0:
+        small = model.decoder(F.avg_pool2d(mean, 2)).float()
+        equivariance = (small - F.avg_pool2d(images, 2)).abs().mean()
+        total = total + cfg.scale_equivariance_weight * equivariance
+        terms["scale_equivariance"] = float(equivariance.detach())
+    return total, terms
 
 
 def random_crops(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -339,6 +346,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scale-equivariance",
+        type=float,
+        default=0.0,
+        help="weight of the scale-equivariance term (decode 2x-downsampled latents to 2x-downsampled images)",
+    )
     return p
 
 
@@ -357,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             threads=args.threads,
             seed=args.seed,
+            scale_equivariance_weight=args.scale_equivariance,
         )
         out = train_autoencoder(cfg, args.out)
     except SnapGenError as exc:
