@@ -28,6 +28,7 @@ tokens (the object's class, the caption's background colour), which isolates the
 
 Architectures: ``snapgen-teacher`` (preset tiny-emoji-teacher without the pooled input),
 ``snapgen-student`` (preset tiny-emoji-student without the pooled input),
+``snapgen-student-sa8`` (the student with self-attention at 8x8 latents too),
 ``snapgen-dense`` (the same with dense 3x3 convs), ``diffusers-feasibility`` (the emoji-world
 feasibility run's diffusers UNet2DConditionModel: (64, 128, 192), one layer per block,
 cross-attention at 8x8 and 4x4).
@@ -53,12 +54,16 @@ from training_tools import flow
 
 
 class SnapGenWrap(nn.Module):
-    def __init__(self, dense: bool, preset: str = "tiny-emoji-student", channels: int = 16) -> None:
+    def __init__(
+        self, dense: bool, preset: str = "tiny-emoji-student", channels: int = 16, **changes: object
+    ) -> None:
         super().__init__()
         from snapgen_app.model.presets import unet_preset
         from snapgen_app.model.unet import SnapGenUNet
 
-        cfg = unet_preset(preset).replace(pooled_dim=0, in_channels=channels, out_channels=channels)
+        cfg = unet_preset(preset).replace(
+            pooled_dim=0, in_channels=channels, out_channels=channels, **changes
+        )
         if dense:
             cfg = cfg.replace(separable_conv=False, conv_expansion=1.0)
         self.net = SnapGenUNet.from_unet_config(cfg)
@@ -121,6 +126,8 @@ def build(arch: str, channels: int = 16) -> nn.Module:
         return SnapGenWrap(dense=False, channels=channels)
     if arch == "snapgen-teacher":
         return SnapGenWrap(dense=False, preset="tiny-emoji-teacher", channels=channels)
+    if arch == "snapgen-student-sa8":  # self-attention at 8x8 too (stage 2), not only 4x4
+        return SnapGenWrap(dense=False, channels=channels, self_attention=(False, True, True))
     if arch == "snapgen-dense":
         return SnapGenWrap(dense=True, channels=channels)
     if arch == "diffusers-feasibility":
@@ -225,6 +232,8 @@ class Data:
 
     def __init__(self, args: argparse.Namespace) -> None:
         if args.pack:
+            if args.condition == "class":
+                raise SystemExit("--condition class needs --run/--cache (a pack holds no class labels)")
             pack = Path(args.pack)
             d = load_file(str(pack / "data.safetensors"))
             self.latents = d["latents_q"].float() * d["latents_scale"]
@@ -258,12 +267,12 @@ class Data:
         index = json.loads((cache / "index.json").read_text())
         folder = Path(index["entries"][0]["file"]).parent
         cls_of_caption: dict[int, int] = {}
-        names = {}
+        class_of_file = {}
         for line in (folder / "metadata.jsonl").read_text().splitlines():
             row = json.loads(line)
-            names[row["file_name"]] = row["objects"][0]["class_index"]
+            class_of_file[row["file_name"]] = row["objects"][0]["class_index"]
         for entry in index["entries"]:
-            cls_of_caption[entry["caption"]] = names[Path(entry["file"]).name]
+            cls_of_caption[entry["caption"]] = class_of_file[Path(entry["file"]).name]
         _, classes = load_classifier(run / "classifier")
         colours = sorted({c for k in classes for c in k.backgrounds})
         self.num_classes, self.num_backgrounds = len(classes), len(colours)
