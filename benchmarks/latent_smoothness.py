@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 
 def high_frequency_ratio(x: torch.Tensor) -> float:
@@ -57,9 +56,10 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--images", type=int, default=128)
     args = p.parse_args()
+    from training_tools.autoencoder_trainer import load_images, to_float
+
     files = sorted(args.data.glob("*.png"))[: args.images]
-    arrays = np.stack([np.array(Image.open(f).convert("RGB")) for f in files])
-    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = to_float(load_images([str(f) for f in files], 128))
     for path in args.autoencoders:
         print(json.dumps({"autoencoder": str(path), "images": len(files), **measure(path, images)}))
 

@@ -24,7 +24,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -46,11 +45,11 @@ def load(checkpoint: Path) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.M
 def single_object_images(data: Path, count: int) -> tuple[torch.Tensor, list[str]]:
     """The first ``count`` single-object images of a dataset folder ([-1, 1] floats) and captions."""
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    from training_tools.autoencoder_trainer import load_images, to_float
+
     rows = [r for r in rows if r["kind"] == "single"][:count]
-    images = [np.array(Image.open(data / r["file_name"]).convert("RGB")) for r in rows]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, [
-        r["text"] for r in rows
-    ]
+    images = load_images([str(data / r["file_name"]) for r in rows], 128)
+    return to_float(images), [r["text"] for r in rows]
 
 
 def main() -> None:
