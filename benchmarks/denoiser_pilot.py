@@ -207,6 +207,7 @@ def make_pack(run: Path, cache: Path, per_class: int, per_category: int, out: Pa
     prompts = sorted({spec.text for spec in make_prompts(classes, per_category)})
     with torch.no_grad():
         eval_tokens = conditioner.encode_frozen([*prompts, ""])[0][0].float()
+    eval_q, eval_scale = _quantize(eval_tokens, (2,))
     out.mkdir(parents=True, exist_ok=True)
     save_file(
         {
@@ -215,7 +216,8 @@ def make_pack(run: Path, cache: Path, per_class: int, per_category: int, out: Pa
             "caption_ids": caption_ids.contiguous(),
             "tokens_q": tokens_q.contiguous(),
             "tokens_scale": tokens_scale.half().contiguous(),
-            "eval_tokens": eval_tokens.half().contiguous(),
+            "eval_tokens_q": eval_q.contiguous(),
+            "eval_tokens_scale": eval_scale.half().contiguous(),
         },
         str(out / "data.safetensors"),
     )
@@ -241,7 +243,8 @@ class Data:
             self.text = d["tokens_q"].float() * d["tokens_scale"].float()
             self.single = torch.ones(len(self.latents), dtype=torch.bool)
             prompts = json.loads((pack / "eval_prompts.json").read_text())
-            self.eval_tokens = dict(zip(prompts, d["eval_tokens"].float(), strict=True))
+            states = d["eval_tokens_q"].float() * d["eval_tokens_scale"].float()
+            self.eval_tokens = dict(zip(prompts, states, strict=True))
             self.null = self.eval_tokens[""]
             self.autoencoder, self.classifier = pack / "autoencoder", pack / "classifier"
             self.conditioner = None
@@ -316,7 +319,7 @@ def evaluate(model: nn.Module, ae: nn.Module, data: Data, args: argparse.Namespa
         times = flow.schedule(28, args.shift).to(device)
         for i in range(28):
             tt = times[i].expand(x.shape[0])
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with autocast(device, args):
                 v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([tok, unc])).float()
             vc, vu = v.chunk(2)
             x = x + (times[i + 1] - times[i]) * (vu + 4.0 * (vc - vu))
@@ -325,6 +328,11 @@ def evaluate(model: nn.Module, ae: nn.Module, data: Data, args: argparse.Namespa
 
     # A pack carries no emoji font: no Frechet distance (it renders real images) from one.
     return run_eval(generate, data.classifier, args.per_category, out / "images", with_frechet=not args.pack)
+
+
+def autocast(device: torch.device, args: argparse.Namespace) -> torch.autocast:
+    """bf16 autocast, or (``--precision fp32``) none: plain fp32, TF32 matmuls on a GPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -373,6 +381,9 @@ def main() -> None:
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="fp32: no autocast (TF32 on a GPU)")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last memory format")
+    p.add_argument("--speed-only", action="store_true", help="train --steps, print samples/s, no eval")
     p.add_argument("--per-category", type=int, default=40)
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -389,6 +400,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     data = Data(args)
     print(f"{len(data.latents)} training images", flush=True)
     latents, text, null = data.latents.to(device), data.text.to(device), data.null.to(device)
@@ -397,6 +411,9 @@ def main() -> None:
     if args.condition == "class":
         model = ClassCondWrap(model, data.num_classes, data.num_backgrounds)
     model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        latents = latents.contiguous(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     ae = load_autoencoder(data, device)  # loaded once for every eval point
@@ -415,6 +432,8 @@ def main() -> None:
         "ema_decay": args.ema_decay,
         "condition": args.condition,
         "device": args.device,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
         "threads": args.threads,
     }
     if device.type == "cuda":
@@ -446,12 +465,13 @@ def main() -> None:
         x0 = latents[idx]
         tokens = text[caption_ids[idx]].clone()
         drop = (torch.rand(args.batch, generator=gen) < 0.1).to(device)
-        tokens[drop] = null
+        drop = drop.view(-1, *[1] * (tokens.dim() - 1))
+        tokens = torch.where(drop, null, tokens)  # no host sync (boolean indexing has one)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         t = flow.sample_t(args.batch, mean=0.0, std=1.0, shift=args.shift, generator=gen).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, args):
             v = model(flow.add_noise(x0, eps, t), t, tokens)
         loss = torch.nn.functional.mse_loss(v.float(), flow.velocity_target(x0, eps))
         opt.zero_grad(set_to_none=True)
@@ -462,6 +482,10 @@ def main() -> None:
             torch._foreach_lerp_(ema_params, model_params, 1 - args.ema_decay)
         step += 1
         samples = step * args.batch
+        if args.speed_only and step == 10:  # time from step 10 on: warm-up and cuDNN autotuning left out
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_s, mark = 0.0, time.monotonic()
         if step % 100 == 0 or (eval_at and samples >= eval_at[0]):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -476,6 +500,12 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s += time.monotonic() - mark
+    if args.speed_only:
+        timed = step - 10 if step > 10 else step
+        row = {**base, "steps": timed, "train_s": round(train_s, 2), "samples_per_s": round(timed * args.batch / train_s, 1)}
+        print(json.dumps(row), flush=True)
+        (out / "speed.json").write_text(json.dumps(row))
+        return
     if not results or results[-1]["samples"] != step * args.batch:
         score(step * args.batch, train_s)
     (out / "result.json").write_text(json.dumps(results[-1], indent=1))
