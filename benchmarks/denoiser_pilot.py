@@ -17,9 +17,14 @@ latents and int8 MiniLM states, the eval prompts' states, decoder, classifier), 
 --device cuda --eval-at 83200,166400 --minutes 7`` trains from it and scores the EMA model at each
 sample count (``results.jsonl``)::
 
-    python benchmarks/denoiser_pilot.py --make-pack .gpu/pack --run runs/emoji-v2 --per-class 45
+    python benchmarks/denoiser_pilot.py --make-pack .gpu/pack --run runs/emoji-v2 --per-class 45 \
+        --per-category 80
     python benchmarks/denoiser_pilot.py --arch snapgen-student --pack .gpu/pack --device cuda \
-        --batch 32 --eval-at 83200,166400,332800 --minutes 7 --out $OUT/student
+        --per-category 80 --precision fp32 --batch 128 --lr 1e-3 --eval-at 83200,166400,332800 \
+        --minutes 7 --out $OUT/student
+
+On a GPU, ``--precision fp32`` (TF32 matmuls) ran this loop 1.45x faster than bf16 autocast on an
+H100, and ``--speed-only`` times ``--steps`` steps (after 10 warm-up steps) without an eval.
 
 Diagnostic switches (session 7): ``--condition class`` replaces the MiniLM states by two learned
 tokens (the object's class, the caption's background colour), which isolates the text pathway;
@@ -381,8 +386,12 @@ def main() -> None:
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="fp32: no autocast (TF32 on a GPU)")
-    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last memory format")
+    p.add_argument(
+        "--precision", choices=("bf16", "fp32"), default="bf16", help="fp32: no autocast (TF32 on a GPU)"
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="model and inputs in channels-last memory format"
+    )
     p.add_argument("--speed-only", action="store_true", help="train --steps, print samples/s, no eval")
     p.add_argument("--per-category", type=int, default=40)
     p.add_argument("--out", default="")
@@ -502,7 +511,12 @@ def main() -> None:
     train_s += time.monotonic() - mark
     if args.speed_only:
         timed = step - 10 if step > 10 else step
-        row = {**base, "steps": timed, "train_s": round(train_s, 2), "samples_per_s": round(timed * args.batch / train_s, 1)}
+        row = {
+            **base,
+            "steps": timed,
+            "train_s": round(train_s, 2),
+            "samples_per_s": round(timed * args.batch / train_s, 1),
+        }
         print(json.dumps(row), flush=True)
         (out / "speed.json").write_text(json.dumps(row))
         return
