@@ -34,6 +34,7 @@ tokens (the object's class, the caption's background colour), which isolates the
 Architectures: ``snapgen-teacher`` (preset tiny-emoji-teacher without the pooled input),
 ``snapgen-student`` (preset tiny-emoji-student without the pooled input),
 ``snapgen-student-sa8`` (the student with self-attention at 8x8 latents too),
+``snapgen-student-narrow`` (the student at widths 64/96/128),
 ``snapgen-dense`` (the same with dense 3x3 convs), ``diffusers-feasibility`` (the emoji-world
 feasibility run's diffusers UNet2DConditionModel: (64, 128, 192), one layer per block,
 cross-attention at 8x8 and 4x4).
@@ -133,6 +134,8 @@ def build(arch: str, channels: int = 16) -> nn.Module:
         return SnapGenWrap(dense=False, preset="tiny-emoji-teacher", channels=channels)
     if arch == "snapgen-student-sa8":  # self-attention at 8x8 too (stage 2), not only 4x4
         return SnapGenWrap(dense=False, channels=channels, self_attention=(False, True, True))
+    if arch == "snapgen-student-narrow":  # narrower deeper stages: a candidate smaller student
+        return SnapGenWrap(dense=False, channels=channels, block_channels=(64, 96, 128))
     if arch == "snapgen-dense":
         return SnapGenWrap(dense=True, channels=channels)
     if arch == "diffusers-feasibility":
@@ -392,6 +395,7 @@ def main() -> None:
     p.add_argument(
         "--channels-last", action="store_true", help="model and inputs in channels-last memory format"
     )
+    p.add_argument("--save", action="store_true", help="also write the EMA weights to OUT/ema.safetensors")
     p.add_argument("--speed-only", action="store_true", help="train --steps, print samples/s, no eval")
     p.add_argument("--per-category", type=int, default=40)
     p.add_argument("--out", default="")
@@ -523,6 +527,10 @@ def main() -> None:
     if not results or results[-1]["samples"] != step * args.batch:
         score(step * args.batch, train_s)
     (out / "result.json").write_text(json.dumps(results[-1], indent=1))
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "ema.safetensors"))
 
 
 if __name__ == "__main__":
