@@ -206,7 +206,9 @@ def test_paper_model_parameter_counts_on_meta() -> None:
     assert UNET_PRESETS["stage1-ca"] == UNET_PRESETS["snapgen-imagenet"]
     student = count_parameters(build_on_meta(unet_preset("tiny-emoji-student")))
     teacher = count_parameters(build_on_meta(unet_preset("tiny-emoji-teacher")))
+    small = count_parameters(build_on_meta(unet_preset("tiny-emoji-small")))
     assert 5e6 <= student <= 12e6 and 25e6 <= teacher <= 40e6
+    assert 4e6 <= small <= 0.8 * student, (small, student)
 
 
 def test_flop_counter_counts_attention_exactly() -> None:

@@ -10,7 +10,9 @@
   -> ``stage1-ca`` (= ``snapgen-imagenet``). QK-norm and RoPE (no parameters, <0.1 % of FLOPs) are
   held constant along the chain so that each step changes exactly what the paper changed.
 - ``tiny`` (tests), ``tiny-emoji-student`` and ``tiny-emoji-teacher`` (the built-in 128 px emoji
-  model: 16x16x16 latents, MiniLM text of width 384): the SnapGen design at small widths.
+  model: 16x16x16 latents, MiniLM text of width 384): the SnapGen design at small widths;
+  ``tiny-emoji-small`` the student at narrower stages (a student when the student's own architecture
+  is the teacher).
 
 Torch-free: this module only builds configs.
 """
@@ -75,6 +77,8 @@ _TINY_EMOJI_TEACHER = UNetConfig(
     time_embed_dim=512,
     time_freq_dim=256,
 )
+# The student at narrower deeper stages (6.2 M): a student for the 8.9 M architecture as teacher.
+_TINY_EMOJI_SMALL = _TINY_EMOJI_STUDENT.replace(block_channels=(64, 96, 128))
 
 UNET_PRESETS: dict[str, UNetConfig] = {
     "snapgen-t2i": _SNAPGEN_T2I,
@@ -89,6 +93,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
     "tiny": _TINY,
     "tiny-emoji-student": _TINY_EMOJI_STUDENT,
     "tiny-emoji-teacher": _TINY_EMOJI_TEACHER,
+    "tiny-emoji-small": _TINY_EMOJI_SMALL,
 }
 
 # The ablation chain in order, with the paper's reported change of each step (fractions; None where
