@@ -34,7 +34,7 @@ tokens (the object's class, the caption's background colour), which isolates the
 Architectures: ``snapgen-teacher`` (preset tiny-emoji-teacher without the pooled input),
 ``snapgen-student`` (preset tiny-emoji-student without the pooled input),
 ``snapgen-student-sa8`` (the student with self-attention at 8x8 latents too),
-``snapgen-student-narrow`` (the student at widths 64/96/128),
+``snapgen-student-narrow`` (preset tiny-emoji-small: the student at widths 64/96/128),
 ``snapgen-dense`` (the same with dense 3x3 convs), ``diffusers-feasibility`` (the emoji-world
 feasibility run's diffusers UNet2DConditionModel: (64, 128, 192), one layer per block,
 cross-attention at 8x8 and 4x4).
@@ -134,8 +134,8 @@ def build(arch: str, channels: int = 16) -> nn.Module:
         return SnapGenWrap(dense=False, preset="tiny-emoji-teacher", channels=channels)
     if arch == "snapgen-student-sa8":  # self-attention at 8x8 too (stage 2), not only 4x4
         return SnapGenWrap(dense=False, channels=channels, self_attention=(False, True, True))
-    if arch == "snapgen-student-narrow":  # narrower deeper stages: a candidate smaller student
-        return SnapGenWrap(dense=False, channels=channels, block_channels=(64, 96, 128))
+    if arch == "snapgen-student-narrow":  # preset tiny-emoji-small without the pooled input
+        return SnapGenWrap(dense=False, preset="tiny-emoji-small", channels=channels)
     if arch == "snapgen-dense":
         return SnapGenWrap(dense=True, channels=channels)
     if arch == "diffusers-feasibility":
