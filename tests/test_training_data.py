@@ -165,3 +165,16 @@ def test_batch_stream_is_deterministic_resumable_and_split_by_rank(tmp_path: Pat
     assert not set(a) & set(b)
     batch = data.collate(cache, a)
     assert batch["latents"].shape == (4, 16, 4, 4) and batch["text.pooled.0"].shape == (4, 1)
+
+
+def test_a_moved_dataset_keeps_its_cache_and_a_changed_file_does_not(tmp_path: Path) -> None:
+    import shutil
+
+    folder = make_shapes_dataset(tmp_path / "run-a" / "dataset", per_class=1)
+    settings = {"resolution": 32}
+    key = data.fingerprint(data.scan_folder(folder).items, settings)
+    moved = shutil.copytree(folder, tmp_path / "run-b" / "dataset")  # copy2 keeps mtimes
+    assert data.fingerprint(data.scan_folder(moved).items, settings) == key
+    (moved / "red_circle_0.txt").write_text("a different caption")
+    assert data.fingerprint(data.scan_folder(moved).items, settings) != key
+    assert data.fingerprint(data.scan_folder(folder).items, {"resolution": 64}) != key

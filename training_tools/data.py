@@ -9,7 +9,7 @@ never fatal; a folder with nothing usable is a clear error.
 Caches (under ``cache_dir``): ``latents-NNNNN.safetensors`` shards with one latent per image
 (``{index}`` -> [C, h, w] float32) and ``text-NNNNN.safetensors`` with the frozen text encoders'
 outputs per caption, plus ``index.json`` (fingerprint, items, skip report). A cache whose fingerprint
-matches (same files, sizes, mtimes, resolution, bucketing, encoder weights) is reused.
+matches (same files relative to their folder, sizes, mtimes, resolution, bucketing, encoder weights) is reused.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -150,11 +151,17 @@ def image_size(path: str) -> tuple[int, int]:
 
 
 def fingerprint(items: list[Item], extra: dict[str, Any]) -> str:
-    """Hash of the item list (paths, sizes, mtimes, captions) and the settings that shape the cache."""
+    """Hash of the item list (paths, sizes, mtimes, captions) and the settings that shape the cache.
+
+    Paths count relative to the folder the images share, so a run folder that was moved or
+    hard-linked (same files, sizes, mtimes) keeps its cache instead of re-encoding every image.
+    """
     digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(i.path)) for i in items]) if items else ""
     for item in items:
         stat = Path(item.path).stat()
-        digest.update(f"{item.path}|{stat.st_size}|{stat.st_mtime_ns}|{item.caption}\n".encode())
+        rel = Path(os.path.relpath(os.path.abspath(item.path), base)).as_posix()
+        digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}|{item.caption}\n".encode())
     return digest.hexdigest()
 
 
