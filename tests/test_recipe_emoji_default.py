@@ -182,3 +182,23 @@ def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     assert fresh.budget_minutes == RecipeConfig().budget_minutes
     other = config_from_args(["--out", str(tmp_path / "new"), "--autoencoder-preset", "emoji-c8"])
     assert other.autoencoder_preset == "emoji-c8"
+
+
+def test_a_python_without_torch_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every stage runs as `sys.executable -m training_tools`: a Python without torch once
+    detached, started the teacher and only then failed in the stage's log."""
+    import importlib.util
+
+    from training_tools.recipes import emoji_default
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    out = tmp_path / "run"
+    assert emoji_default.main(["--out", str(out), "--background"]) == 1
+    err = capsys.readouterr().err
+    assert "has no torch" in err and "snapgen-studio[train]" in err
+    assert not out.exists()  # nothing detached, no log folder, no recipe.json

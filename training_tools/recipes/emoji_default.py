@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -953,6 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.ship and "ship" not in stages:
             stages.append("ship")
+        _require_training_environment()
         if args.background:
             return _detach(argv, Path(cfg.out))
         Recipe(cfg, log=lambda line: print(line, flush=True)).run(stages)
@@ -960,6 +962,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
+
+
+def _require_training_environment() -> None:
+    """Every stage runs ``sys.executable -m training_tools ...``: fail here, before a stage starts
+    (and before --background detaches), when this Python cannot import torch."""
+    if importlib.util.find_spec("torch") is None:
+        raise TrainingError(
+            f"the recipe trains with this Python ({sys.executable}), which has no torch",
+            hint="run it with the project's environment (.venv/bin/python after scripts/test.sh) or "
+            "install the train extra: pip install 'snapgen-studio[train]'",
+        )
 
 
 def _detach(argv: Sequence[str], out: Path) -> int:
