@@ -9,10 +9,9 @@
   ``sdxl-thin`` -> ``no-hires-sa`` -> ``sepconv`` -> ``sepconv-exp2`` -> ``ffn3`` -> ``mqa``
   -> ``stage1-ca`` (= ``snapgen-imagenet``). QK-norm and RoPE (no parameters, <0.1 % of FLOPs) are
   held constant along the chain so that each step changes exactly what the paper changed.
-- ``tiny`` (tests), ``tiny-emoji-student`` and ``tiny-emoji-teacher`` (the built-in 128 px emoji
-  model: 16x16x16 latents, MiniLM text of width 384): the SnapGen design at small widths;
-  ``tiny-emoji-small`` the student at narrower stages (a student when the student's own architecture
-  is the teacher).
+- ``tiny`` (tests) and the emoji presets (128 px, 16x16x16 latents, MiniLM text of width 384), the
+  SnapGen design at small widths: ``tiny-emoji-small`` (6.3 M) is the built-in model, distilled from
+  ``tiny-emoji-student`` (8.9 M); ``tiny-emoji-teacher`` (33 M) was the first built-in models' teacher.
 
 Torch-free: this module only builds configs.
 """
