@@ -120,7 +120,10 @@ def bundle(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     the test fast; the dynamo exporter is exercised by the decoder tests below)."""
     out = tmp_path_factory.mktemp("bundles") / "tiny-bundle"
     argv = ["export", str(checkpoint), "--out", str(out), "--precision", "int8,fp16,fp32", "--name", "tiny"]
+    prompts = out.parent / "calibration-prompts.txt"
+    prompts.write_text("a red circle\n\na blue square on a white background\n")
     argv += ["--calib-prompts", "2", "--calib-steps", "4", "--exporter", "torchscript"]
+    argv += ["--calib-prompt-file", str(prompts), "--calib-guidance", "3"]  # guided, own prompts
     assert cli_main(argv) == 0
     return out
 
@@ -221,6 +224,15 @@ def test_bad_checkpoint_and_bad_flags(
     (broken / "unet" / "weights.bin").write_bytes(b"pickle")
     assert cli_main(["export", str(broken), "--out", str(tmp_path / "o")]) == 1
     assert "pickle" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    out = ["export", str(checkpoint), "--out", str(tmp_path / "o")]
+    assert cli_main([*out, "--calib-prompt-file", str(tmp_path / "none.txt")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert cli_main([*out, "--calib-prompt-file", str(tmp_path / "blank.txt")]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
+    assert cli_main([*out, "--calib-guidance", "0.5"]) == 2
+    assert "--calib-guidance must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

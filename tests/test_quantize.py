@@ -115,6 +115,47 @@ def test_calibration_comes_from_trajectories_spanning_the_schedule(
     assert len(data.decoder_feeds) == len(contexts) * (STEPS + 1)
 
 
+def test_guided_calibration_follows_cfg_and_records_the_unconditional_inputs(
+    tiny_unet: SnapGenUNet, contexts: list
+) -> None:
+    cfg = tiny_unet.unet_config
+    null = (torch.zeros(1, 6, cfg.context_dim), torch.zeros(1, cfg.pooled_dim))
+    data = collect_trajectories(
+        tiny_unet,
+        contexts,
+        latent_shape=(16, LATENT, LATENT),
+        steps=STEPS,
+        shift=3.0,
+        seed=4,
+        guidance_scale=4.0,
+        null_context=null,
+    )
+    assert len(data.unet_feeds) == len(contexts) * STEPS * 2  # conditional + unconditional per step
+    cond, uncond, after = data.unet_feeds[0], data.unet_feeds[1], data.unet_feeds[2]
+    assert np.array_equal(cond["sample"], uncond["sample"]) and data.timesteps[0] == data.timesteps[1]
+    assert np.array_equal(uncond["encoder_hidden_states"], null[0].numpy())
+    assert np.array_equal(uncond["pooled_text"], null[1].numpy())
+    x, t = torch.from_numpy(cond["sample"]), torch.tensor([1000.0])
+    with torch.no_grad():
+        v_cond = tiny_unet(x, t, contexts[0][0], contexts[0][1])
+        v_null = tiny_unet(x, t, null[0], null[1])
+    dt = flow_matching_timesteps(STEPS, 3.0)[1] - 1.0
+    guided = (x + dt * (v_null + 4.0 * (v_cond - v_null))).numpy()
+    assert np.allclose(after["sample"], guided, atol=1e-5)
+    assert not np.allclose(after["sample"], (x + dt * v_cond).numpy(), atol=1e-3)  # not the unguided step
+    # guidance 1 (or no null input) is the plain trajectory
+    plain = collect_trajectories(
+        tiny_unet,
+        contexts,
+        latent_shape=(16, LATENT, LATENT),
+        steps=STEPS,
+        shift=3.0,
+        seed=4,
+        null_context=null,
+    )
+    assert len(plain.unet_feeds) == len(contexts) * STEPS
+
+
 def test_int8_quantizes_only_conv_and_weight_matmuls(graphs: dict[str, Path]) -> None:
     ops = op_histogram(graphs["int8"])
     assert not any(op.startswith("QLinear") for op in ops)  # QDQ format, no QLinearSoftmax etc.

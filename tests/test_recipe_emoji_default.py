@@ -202,3 +202,19 @@ def test_a_python_without_torch_is_refused_before_anything_starts(
     err = capsys.readouterr().err
     assert "has no torch" in err and "snapgen-studio[train]" in err
     assert not out.exists()  # nothing detached, no log folder, no recipe.json
+
+
+def test_int8_calibration_prompts_are_a_seeded_sample_of_the_training_captions(tmp_path: Path) -> None:
+    from training_tools.recipes.emoji_default import CALIBRATION_PROMPT_COUNT
+
+    dataset = tmp_path / "run" / "dataset"
+    dataset.mkdir(parents=True)
+    captions = [f"caption {i % 12}" for i in range(40)]  # repeated captions count once
+    (dataset / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n" for i, c in enumerate(captions))
+    )
+    recipe = Recipe(RecipeConfig(out=str(tmp_path / "run")), log=lambda _line: None)
+    picked = recipe.calibration_prompts().read_text().splitlines()
+    assert len(picked) == len(set(picked)) == CALIBRATION_PROMPT_COUNT
+    assert set(picked) <= set(captions)
+    assert recipe.calibration_prompts().read_text().splitlines() == picked  # same seed, same prompts

@@ -63,6 +63,19 @@ def register(subparsers: Any) -> None:
         help="calibration trajectories for int8 (default 4)",
     )
     parser.add_argument(
+        "--calib-prompt-file",
+        metavar="FILE",
+        help="calibrate int8 on these prompts (one per line; use prompts of the model's world) "
+        "instead of the built-in generic ones",
+    )
+    parser.add_argument(
+        "--calib-guidance",
+        type=float,
+        metavar="G",
+        help="classifier-free guidance of the calibration trajectories (default: the model's default "
+        "guidance); above 1 the unconditional inputs are calibrated too",
+    )
+    parser.add_argument(
         "--calib-steps",
         type=int,
         default=8,
@@ -104,6 +117,17 @@ def handle(args: argparse.Namespace) -> int:
     for flag in ("calib_prompts", "calib_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    calibration_prompts: tuple[str, ...] = ()
+    if args.calib_prompt_file:
+        try:
+            lines = Path(args.calib_prompt_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise UsageError(f"--calib-prompt-file: cannot read {args.calib_prompt_file}: {exc}") from None
+        calibration_prompts = tuple(line.strip() for line in lines if line.strip())
+        if not calibration_prompts:
+            raise UsageError(f"--calib-prompt-file: {args.calib_prompt_file} holds no prompt")
+    if args.calib_guidance is not None and args.calib_guidance < 1.0:
+        raise UsageError(f"--calib-guidance must be >= 1, got {args.calib_guidance:g}")
     try:
         from snapgen_app.model.export import ExportOptions, export_bundle
     except ImportError as exc:
@@ -116,6 +140,8 @@ def handle(args: argparse.Namespace) -> int:
         precisions=precisions,
         name=args.name,
         calib_prompts=args.calib_prompts,
+        calibration_prompts=calibration_prompts,
+        calib_guidance=args.calib_guidance,
         calib_steps=args.calib_steps,
         calib_px=args.calib_px,
         dynamic=not args.static_shapes,

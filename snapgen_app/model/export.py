@@ -631,11 +631,18 @@ class ExportOptions:
     ``calib_px``: image size of the calibration trajectories (default: the bundle's default size,
     capped at 512 px to bound memory and time; activation ranges hardly depend on size).
     ``parity_px``: image size of the parity inputs (default: the calibration size).
+    ``calibration_prompts``: the prompts of the int8 calibration trajectories (default: the first
+    ``calib_prompts`` of :data:`CALIBRATION_PROMPTS`); a model of a narrow world (the emoji model)
+    calibrates best on prompts of that world.
+    ``calib_guidance``: classifier-free guidance of the calibration trajectories (default: the
+    bundle's default guidance); above 1 the unconditional inputs are calibrated too.
     """
 
     precisions: tuple[str, ...] = ("fp32", "int8")
     name: str | None = None
     calib_prompts: int = 4
+    calibration_prompts: tuple[str, ...] = ()
+    calib_guidance: float | None = None
     calib_steps: int = 8
     calib_px: int | None = None
     parity_px: int | None = None
@@ -869,7 +876,7 @@ def export_bundle(
                 )
 
         # Real text embeddings for calibration and parity.
-        prompts = [
+        prompts = list(options.calibration_prompts) or [
             CALIBRATION_PROMPTS[k % len(CALIBRATION_PROMPTS)] for k in range(max(1, options.calib_prompts))
         ]
         with torch.no_grad():
@@ -922,12 +929,19 @@ def export_bundle(
                 f"recording {len(prompts)} calibration trajectories x {options.calib_steps} steps at {calib_px}px"
             )
             latent_calib = calib_px // scale
+            guidance = defaults.guidance_scale if options.calib_guidance is None else options.calib_guidance
+            with torch.no_grad():
+                null_context = conditioner.unconditional(1) if guidance > 1.0 else None
+            if guidance > 1.0:
+                log(f"calibration trajectories follow guidance {guidance:g} (unconditional inputs included)")
             trajectories = collect_trajectories(
                 unet,
                 torch_contexts,
                 latent_shape=(latent_channels, latent_calib, latent_calib),
                 steps=options.calib_steps,
                 shift=defaults.shift,
+                guidance_scale=guidance,
+                null_context=null_context,
             )
             # Decoder parity on real trajectory ends too (the decoder never sees pure noise).
             decoder_feeds = [*decoder_feeds, trajectories.decoder_feeds[-1]]

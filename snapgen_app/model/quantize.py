@@ -106,12 +106,17 @@ def collect_trajectories(
     steps: int = 8,
     shift: float = 1.0,
     seed: int = 0,
+    guidance_scale: float = 1.0,
+    null_context: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> TrajectoryData:
     """Run the torch UNet's Euler sampler once per context and record every step's inputs.
 
     ``contexts``: per prompt (tokens [1,L,D] float32, pooled [1,P] float32 or None), produced by the
     real text conditioner. ``latent_shape``: (C, h, w) of the latent. The sampler follows the
     project convention: x_1 = noise, x <- x + (t_next - t) * v, timestep input = t * 1000.
+    With ``guidance_scale`` > 1 and a ``null_context`` the trajectories follow classifier-free
+    guidance, v = v_null + g (v_cond - v_null), as generation with that guidance does, and the
+    unconditional inputs are recorded too: both are what the UNet sees at inference.
     """
     generator = torch.Generator().manual_seed(seed)
     times = flow_matching_timesteps(steps, shift)
@@ -131,11 +136,31 @@ def collect_trajectories(
                 feed["pooled_text"] = pooled.float().numpy().copy()
             unet_feeds.append(feed)
             recorded_t.append(float(t))
-            velocity = unet(x, timestep, tokens, pooled) if pooled is not None else unet(x, timestep, tokens)
+            velocity = _velocity(unet, x, timestep, tokens, pooled)
+            if guidance_scale > 1.0 and null_context is not None:
+                null_tokens, null_pooled = null_context
+                null_pooled = null_pooled if pooled is not None else None
+                unconditional = {**feed, "encoder_hidden_states": null_tokens.float().numpy().copy()}
+                if null_pooled is not None:
+                    unconditional["pooled_text"] = null_pooled.float().numpy().copy()
+                unet_feeds.append(unconditional)
+                recorded_t.append(float(t))
+                v_null = _velocity(unet, x, timestep, null_tokens, null_pooled)
+                velocity = v_null + guidance_scale * (velocity - v_null)
             decoder_feeds.append({"latent": (x - float(t) * velocity).numpy().copy()})
             x = x + float(t_next - t) * velocity
         decoder_feeds.append({"latent": x.numpy().copy()})
     return TrajectoryData(tuple(unet_feeds), tuple(decoder_feeds), tuple(recorded_t))
+
+
+def _velocity(
+    unet: torch.nn.Module,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    tokens: torch.Tensor,
+    pooled: torch.Tensor | None,
+) -> torch.Tensor:
+    return unet(x, timestep, tokens, pooled) if pooled is not None else unet(x, timestep, tokens)
 
 
 class FeedsReader:
