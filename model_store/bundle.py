@@ -154,6 +154,13 @@ def recorded_shift(model_index: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
+def recorded_guidance(model_index: dict[str, Any]) -> float | None:
+    """The classifier-free guidance a checkpoint's model_index.json records as its default, or None."""
+    defaults = model_index.get(CHECKPOINT_DEFAULTS_KEY)
+    value = defaults.get("guidance_scale") if isinstance(defaults, dict) else None
+    return float(value) if isinstance(value, int | float) and value >= 1.0 else None
+
+
 @dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder: its default ONNX file, its tokenizer file and its output sizes."""

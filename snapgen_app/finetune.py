@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from model_store.bundle import recorded_shift
+from model_store.bundle import recorded_guidance, recorded_shift
 from model_store.errors import StoreError
 from model_store.paths import store_home
 from model_store.registry import ModelSource, RegisteredModel, Registry, validate_name
-from snapgen_app.errors import Cancelled, ConfigError, TrainingError, UsageError
+from snapgen_app.errors import Cancelled, ConfigError, SnapGenError, TrainingError, UsageError
 from snapgen_app.progress import CancelToken, Event, EventCallback, decode_event
 
 STAGE = "finetune"
@@ -314,14 +314,16 @@ class BaseModel:
     text: Path
     bundle: str = ""
     shift: float = 0.0  # the timestep shift it was trained and samples at (0 = not recorded)
+    guidance: float = 1.0  # its default classifier-free guidance (1 = none or not recorded)
 
 
-def _recorded_shift(index_path: Path) -> float:
-    """The shift a checkpoint's model_index.json records (0.0 when none or unreadable)."""
+def _model_index(index_path: Path) -> dict[str, Any]:
+    """A checkpoint's model_index.json ({} when unreadable)."""
     try:
-        return recorded_shift(json.loads(index_path.read_text())) or 0.0
+        raw = json.loads(index_path.read_text())
     except (OSError, ValueError):
-        return 0.0
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def _component(checkpoint: Path, names: Sequence[str]) -> Path | None:
@@ -355,7 +357,8 @@ def inspect_checkpoint(folder: str | Path, label: str = "", bundle: str = "") ->
         autoencoder=parts["autoencoder"],  # type: ignore[arg-type]
         text=parts["text"],  # type: ignore[arg-type]
         bundle=bundle,
-        shift=_recorded_shift(root / "model_index.json"),
+        shift=recorded_shift(index := _model_index(root / "model_index.json")) or 0.0,
+        guidance=recorded_guidance(index) or 1.0,
     )
 
 
@@ -467,10 +470,12 @@ def build_config(request: FineTuneRequest, run_dir: Path, data_path: str, base: 
         "optim": {"lr": request.learning_rate, "ema": request.lora_rank == 0},
         # Fine-tune at the timestep shift the base was trained at (else the trainer's resolution shift).
         "flow": {"shift": base.shift},
+        # Samples, and the fine-tuned model's default, at the guidance the base generates with.
         "sample": {
             "prompts": list(request.prompts()),
             "seeds": list(request.sample_seeds),
             "steps": request.sample_steps,
+            "guidance_scale": base.guidance,
         },
     }
     if request.teacher:
@@ -984,14 +989,24 @@ def export_checkpoint(
     python: str | None = None,
     on_event: EventCallback | None = None,
     cancel: CancelToken | None = None,
+    calibration_prompts: Sequence[str] = (),
 ) -> Path:
     """``python -m snapgen_app export CHECKPOINT --out OUT`` in the training interpreter; its log
-    lines become ``log`` events (stage "export"). Returns ``out``; a finished ``out`` is reused."""
+    lines become ``log`` events (stage "export"). Returns ``out``; a finished ``out`` is reused.
+
+    ``calibration_prompts``: int8 calibration on these (the run's own captions) instead of the
+    exporter's generic prompts (on the built-in emoji model, calibrating on its own world's captions
+    along guided trajectories raised int8 single-object accuracy at 4 steps from 36.25 to 43.75 %,
+    fp32 42.5 %; docs/training.md)."""
     if (out / "bundle.json").is_file():
         return out
     command = [training_python(python), "-m", "snapgen_app", "export", str(checkpoint), "--out", str(out)]
     command += ["--name", name, *settings.arguments()]
     out.parent.mkdir(parents=True, exist_ok=True)
+    if calibration_prompts:
+        prompt_file = out.parent / f"{out.name}-calibration-prompts.txt"
+        prompt_file.write_text("\n".join(calibration_prompts) + "\n", encoding="utf-8")
+        command += ["--calib-prompt-file", str(prompt_file), "--calib-prompts", str(len(calibration_prompts))]
     with tempfile.TemporaryFile("w+") as err:
         # cwd: the quantizer writes scratch files into the current folder; two exports sharing one
         # folder would overwrite each other's
@@ -1057,7 +1072,20 @@ def export_run(
         python=python,
         on_event=on_event,
         cancel=cancel,
+        calibration_prompts=run_calibration_prompts(handle.request, settings.calib_prompts),
     )
+
+
+def run_calibration_prompts(request: FineTuneRequest, count: int) -> list[str]:
+    """Up to ``count`` prompts of the run's own world: its sample prompts, then its captions."""
+    captions = dict(request.captions or {})
+    if not captions:
+        try:
+            captions = check_images_folder(request.images_dir).captions()
+        except SnapGenError:  # the folder moved since training: the sample prompts still count
+            captions = {}
+    prompts = [p.strip() for p in (*request.prompts(), *sorted(captions.values())) if p.strip()]
+    return list(dict.fromkeys(prompts))[: max(1, count)]
 
 
 def base_bundle(

@@ -105,19 +105,48 @@ def test_checkpoint_layout_is_checked(tmp_path: Path) -> None:
         ft.resolve_base("no-such-model")
 
 
-def test_fine_tuning_keeps_the_base_models_timestep_shift(tmp_path: Path) -> None:
+def test_fine_tuning_keeps_the_base_models_timestep_shift_and_guidance(tmp_path: Path) -> None:
     for part in ("unet", "autoencoder", "text_conditioner"):
         (tmp_path / part).mkdir()
         (tmp_path / part / "config.json").write_text("{}")
     request = ft.FineTuneRequest(images_dir="/x", base_model="base", name="s")
-    (tmp_path / "model_index.json").write_text(json.dumps({"_snapgen_defaults": {"shift": 3.0}}))
+    defaults = {"_snapgen_defaults": {"shift": 3.0, "guidance_scale": 4.0}}
+    (tmp_path / "model_index.json").write_text(json.dumps(defaults))
     base = ft.inspect_checkpoint(tmp_path)
-    assert base.shift == 3.0
-    assert ft.build_config(request, tmp_path / "run", "/data", base)["flow"] == {"shift": 3.0}
+    assert (base.shift, base.guidance) == (3.0, 4.0)
+    config = ft.build_config(request, tmp_path / "run", "/data", base)
+    assert config["flow"] == {"shift": 3.0}
+    assert config["sample"]["guidance_scale"] == 4.0  # samples and the exported default
     (tmp_path / "model_index.json").write_text("{}")  # not recorded: the trainer's resolution shift
-    assert ft.build_config(request, tmp_path / "run", "/data", ft.inspect_checkpoint(tmp_path))["flow"] == {
-        "shift": 0.0
-    }
+    config = ft.build_config(request, tmp_path / "run", "/data", ft.inspect_checkpoint(tmp_path))
+    assert config["flow"] == {"shift": 0.0} and config["sample"]["guidance_scale"] == 1.0
+
+
+def test_the_built_in_checkpoint_records_its_bundles_defaults(shipped_builtins: Path) -> None:
+    """The wizard fine-tunes the built-in model at the shift it was trained at (it once fell back to
+    the resolution shift 0.25 for a model trained at 3) and with its guidance."""
+    from model_store.bundle import read_manifest
+
+    folder = shipped_builtins / "snapgen-emoji"
+    defaults = read_manifest(folder).defaults
+    base = ft.inspect_checkpoint(folder / "checkpoint")
+    assert (base.shift, base.guidance) == (defaults.shift, defaults.guidance_scale)
+    assert base.shift == 3.0 and base.guidance > 1.0
+
+
+def test_run_calibration_prompts_are_the_runs_own(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    request = ft.FineTuneRequest(
+        images_dir=str(tmp_path),
+        base_model="base",
+        name="s",
+        captions={"a.png": "a zorp cat", "b.png": "a zorp dog", "c.png": "a zorp cat"},
+        sample_prompts=("a zorp bird",),
+    )
+    assert ft.run_calibration_prompts(request, 3) == ["a zorp bird", "a zorp cat", "a zorp dog"]
+    assert ft.run_calibration_prompts(request, 1) == ["a zorp bird"]
+    moved = ft.FineTuneRequest(images_dir=str(tmp_path / "gone"), base_model="base", name="s")
+    assert ft.run_calibration_prompts(moved, 4) == list(moved.prompts())
 
 
 def test_run_handle_tails_events_and_reattaches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -158,7 +158,8 @@ class KDConfig(ConfigBase):
     """Multi-level knowledge distillation and its timestep-aware scaling.
 
     ``scaling``: ``timestep_aware`` (the paper's S), ``sum`` (task + out_weight*L_out +
-    feat_weight*L_feat, unscaled) or ``kd_only`` (only the distillation terms).
+    feat_weight*L_feat, unscaled) or ``kd_only`` (only the distillation terms). Fine-tuning always
+    adds its regulariser (``lora.distill_weight``) as a plain sum: see the trainer.
     """
 
     output_weight: float = 1.0

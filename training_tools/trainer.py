@@ -698,7 +698,12 @@ class _Context:
             kd["feat"] = (l_feat, cfg.kd.feature_weight)
             terms["kd_feat"] = float(l_feat.mean().detach())
         a_t = losses.task_weight(t, cfg.flow.logit_mean, cfg.flow.logit_std).to(dev)
-        total = losses.combine(l_task, kd, a_t, cfg.kd.scaling)
+        # Fine-tuning's KD term is a regulariser towards the base, which is where the student
+        # starts: the timestep-aware ratio |L_task| / |L_kd| is unbounded there and pinned LoRA runs
+        # to the base (150 steps changed nothing, at any lora.distill_weight, as it scales both
+        # terms). A plain weighted sum lets the task move the model and the base pull it back.
+        scaling = "sum" if cfg.stage == "finetune" else cfg.kd.scaling
+        total = losses.combine(l_task, kd, a_t, scaling)
         terms["total"] = float(total.detach())
         return total, terms
 

@@ -164,6 +164,25 @@ def choose_guidance(recipe: Recipe, manifest: Any) -> Any:
     return manifest
 
 
+def record_defaults(checkpoint: Path, defaults: Any) -> None:
+    """Write the shipped bundle's generation defaults (steps, size, shift, guidance) into the
+    checkpoint's model_index.json, so a model fine-tuned from it trains at its shift and samples
+    and exports at its guidance (without them the wizard fell back to the resolution shift 0.25
+    and no guidance for a model trained at shift 3 and shipped with guidance 4)."""
+    from model_store.bundle import CHECKPOINT_DEFAULTS_KEY
+
+    path = checkpoint / "model_index.json"
+    index = json.loads(path.read_text())
+    index[CHECKPOINT_DEFAULTS_KEY] = {
+        "steps": defaults.steps,
+        "width": defaults.width,
+        "height": defaults.height,
+        "shift": defaults.shift,
+        "guidance_scale": defaults.guidance_scale,
+    }
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def ship(recipe: Recipe, target: Path) -> Path:
     """Write the built-in model folder ``target`` from the recipe's bundle and checkpoint."""
     from model_store.bundle import read_manifest, write_manifest
@@ -185,6 +204,7 @@ def ship(recipe: Recipe, target: Path) -> Path:
         recipe.log(f"ship: {size / 1e6:.1f} MB > {recipe.cfg.max_ship_mb} MB: leaving the fp32 variant out")
         manifest = _drop_variant(tmp, manifest, "fp32")
     manifest = choose_guidance(recipe, manifest)
+    record_defaults(tmp / "checkpoint", manifest.defaults)
     measured_path = recipe.out / MEASURED
     measured = json.loads(measured_path.read_text()) if measured_path.is_file() else {}
     size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
