@@ -92,6 +92,7 @@ def prepare_finetune_run(work: Path, model_images: Path, model: str) -> bool:
         Image.merge("RGB", (grey, grey, grey.point(lambda v: min(255, int(v * 1.3) + 40)))).save(
             pictures / f"picture_{index}.png"
         )
+        (pictures / f"picture_{index}.txt").write_text(service.read_png_request(path).prompt)
     request = service.finetune.FineTuneRequest(
         images_dir=str(pictures),
         base_model=model,
