@@ -24,6 +24,7 @@ from snapgen_app.model.export import (  # noqa: E402
 )
 from snapgen_app.model.presets import unet_preset  # noqa: E402
 from snapgen_app.model.quantize import (  # noqa: E402
+    TrajectoryData,
     collect_trajectories,
     convert_fp16,
     flow_matching_timesteps,
@@ -120,16 +121,20 @@ def test_guided_calibration_follows_cfg_and_records_the_unconditional_inputs(
 ) -> None:
     cfg = tiny_unet.unet_config
     null = (torch.zeros(1, 6, cfg.context_dim), torch.zeros(1, cfg.pooled_dim))
-    data = collect_trajectories(
-        tiny_unet,
-        contexts,
-        latent_shape=(16, LATENT, LATENT),
-        steps=STEPS,
-        shift=3.0,
-        seed=4,
-        guidance_scale=4.0,
-        null_context=null,
-    )
+
+    def trajectories(guidance: float) -> TrajectoryData:
+        return collect_trajectories(
+            tiny_unet,
+            contexts,
+            latent_shape=(16, LATENT, LATENT),
+            steps=STEPS,
+            shift=3.0,
+            seed=4,
+            guidance_scale=guidance,
+            null_context=null,
+        )
+
+    data = trajectories(4.0)
     assert len(data.unet_feeds) == len(contexts) * STEPS * 2  # conditional + unconditional per step
     cond, uncond, after = data.unet_feeds[0], data.unet_feeds[1], data.unet_feeds[2]
     assert np.array_equal(cond["sample"], uncond["sample"]) and data.timesteps[0] == data.timesteps[1]
@@ -143,17 +148,7 @@ def test_guided_calibration_follows_cfg_and_records_the_unconditional_inputs(
     guided = (x + dt * (v_null + 4.0 * (v_cond - v_null))).numpy()
     assert np.allclose(after["sample"], guided, atol=1e-5)
     assert not np.allclose(after["sample"], (x + dt * v_cond).numpy(), atol=1e-3)  # not the unguided step
-    # guidance 1 (or no null input) is the plain trajectory
-    plain = collect_trajectories(
-        tiny_unet,
-        contexts,
-        latent_shape=(16, LATENT, LATENT),
-        steps=STEPS,
-        shift=3.0,
-        seed=4,
-        null_context=null,
-    )
-    assert len(plain.unet_feeds) == len(contexts) * STEPS
+    assert len(trajectories(1.0).unet_feeds) == len(contexts) * STEPS  # guidance 1: the plain trajectory
 
 
 def test_int8_quantizes_only_conv_and_weight_matmuls(graphs: dict[str, Path]) -> None:
