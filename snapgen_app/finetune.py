@@ -1006,7 +1006,7 @@ def export_checkpoint(
     if calibration_prompts:
         prompt_file = out.parent / f"{out.name}-calibration-prompts.txt"
         prompt_file.write_text("\n".join(calibration_prompts) + "\n", encoding="utf-8")
-        command += ["--calib-prompt-file", str(prompt_file), "--calib-prompts", str(len(calibration_prompts))]
+        command += ["--calib-prompt-file", str(prompt_file)]
     with tempfile.TemporaryFile("w+") as err:
         # cwd: the quantizer writes scratch files into the current folder; two exports sharing one
         # folder would overwrite each other's

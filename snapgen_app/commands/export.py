@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
         type=int,
         default=4,
         metavar="N",
-        help="calibration trajectories for int8 (default 4)",
+        help="calibration trajectories for int8 (default 4; with --calib-prompt-file, one per line of it)",
     )
     parser.add_argument(
         "--calib-prompt-file",

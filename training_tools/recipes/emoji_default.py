@@ -596,8 +596,6 @@ class Recipe:
                 # (docs/training.md): single-object at 4 steps, guidance 4, 36.25 -> 41.25 %.
                 "--calib-prompt-file",
                 str(prompts),
-                "--calib-prompts",
-                str(CALIBRATION_PROMPT_COUNT),
                 "--calib-guidance",
                 str(self.cfg.guidance_scale),
             ],
