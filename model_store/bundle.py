@@ -146,19 +146,25 @@ NULL_CONDITIONS = ("empty_prompt", "zeros")
 CHECKPOINT_DEFAULTS_KEY = "_snapgen_defaults"
 
 
+def _recorded_default(model_index: dict[str, Any], key: str) -> float | None:
+    """A number under ``_snapgen_defaults`` in a checkpoint's model_index.json, or None."""
+    defaults = model_index.get(CHECKPOINT_DEFAULTS_KEY)
+    value = defaults.get(key) if isinstance(defaults, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
 def recorded_shift(model_index: dict[str, Any]) -> float | None:
     """The timestep shift a checkpoint's model_index.json records, or None when it records none
     (absent, or not a positive number)."""
-    defaults = model_index.get(CHECKPOINT_DEFAULTS_KEY)
-    value = defaults.get("shift") if isinstance(defaults, dict) else None
-    return float(value) if isinstance(value, int | float) and value > 0 else None
+    value = _recorded_default(model_index, "shift")
+    return value if value is not None and value > 0 else None
 
 
 def recorded_guidance(model_index: dict[str, Any]) -> float | None:
-    """The classifier-free guidance a checkpoint's model_index.json records as its default, or None."""
-    defaults = model_index.get(CHECKPOINT_DEFAULTS_KEY)
-    value = defaults.get("guidance_scale") if isinstance(defaults, dict) else None
-    return float(value) if isinstance(value, int | float) and value >= 1.0 else None
+    """The classifier-free guidance a checkpoint's model_index.json records as its default, or None
+    (absent, or below 1)."""
+    value = _recorded_default(model_index, "guidance_scale")
+    return value if value is not None and value >= 1.0 else None
 
 
 @dataclass(frozen=True)

@@ -930,10 +930,11 @@ def export_bundle(
             )
             latent_calib = calib_px // scale
             guidance = defaults.guidance_scale if options.calib_guidance is None else options.calib_guidance
-            with torch.no_grad():
-                null_context = conditioner.unconditional(1) if guidance > 1.0 else None
+            null_context = None
             if guidance > 1.0:
                 log(f"calibration trajectories follow guidance {guidance:g} (unconditional inputs included)")
+                with torch.no_grad():
+                    null_context = conditioner.unconditional(1)
             trajectories = collect_trajectories(
                 unet,
                 torch_contexts,

@@ -76,7 +76,7 @@ _TINY_EMOJI_TEACHER = UNetConfig(
     time_embed_dim=512,
     time_freq_dim=256,
 )
-# The student at narrower deeper stages (6.2 M): a student for the 8.9 M architecture as teacher.
+# The student at narrower deeper stages (6.3 M): a student for the 8.9 M architecture as teacher.
 _TINY_EMOJI_SMALL = _TINY_EMOJI_STUDENT.replace(block_channels=(64, 96, 128))
 
 UNET_PRESETS: dict[str, UNetConfig] = {

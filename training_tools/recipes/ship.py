@@ -173,13 +173,7 @@ def record_defaults(checkpoint: Path, defaults: Any) -> None:
 
     path = checkpoint / "model_index.json"
     index = json.loads(path.read_text())
-    index[CHECKPOINT_DEFAULTS_KEY] = {
-        "steps": defaults.steps,
-        "width": defaults.width,
-        "height": defaults.height,
-        "shift": defaults.shift,
-        "guidance_scale": defaults.guidance_scale,
-    }
+    index[CHECKPOINT_DEFAULTS_KEY] = dataclasses.asdict(defaults)
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
