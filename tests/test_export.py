@@ -196,6 +196,39 @@ def test_int8_variant_lists_attention_matmuls_as_kept(bundle: Path) -> None:
             assert producers.get(node.input[0]) != "DequantizeLinear"
 
 
+def test_geglu_exports_as_two_weight_matmuls_without_slices(bundle: Path, checkpoint: Path) -> None:
+    """The feed-forward's value and gate halves are separate weight MatMuls (no Slice over the
+    widest activation), each quantized in int8 and run with a float output, and the torch module is
+    left as it was (the export switches ``split_gate`` on only while it traces)."""
+    unet = SnapGenUNet.from_pretrained(str(checkpoint / "unet"))
+    assert not any(getattr(m, "split_gate", False) for m in unet.modules())
+    gated = [m for m in unet.modules() if hasattr(m, "split_gate")]
+    fp32 = onnx.load(str(bundle / "unet.fp32.onnx"))
+    producers = {out: n for n in fp32.graph.node for out in n.output}
+    inits = {i.name for i in fp32.graph.initializer}
+    erfs = [n for n in fp32.graph.node if n.op_type == "Erf"]  # opset 18 writes GELU out with Erf
+    assert len(erfs) == len(gated) > 0
+    for erf in erfs:  # the gate comes from its own linear (MatMul -> Add -> Div), not from a Slice
+        source = producers[erf.input[0]]
+        while source.op_type in ("Add", "Div", "Mul"):
+            source = producers[next(i for i in source.input if i in producers and i not in inits)]
+        assert source.op_type == "MatMul", source.op_type
+    int8 = onnx.load(str(bundle / "unet.int8.onnx"))
+    consumers: dict[str, list[str]] = {}
+    for node in int8.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    by_output = {out: n for n in int8.graph.node for out in n.output}
+    weight_matmuls = [
+        n
+        for n in int8.graph.node
+        if n.op_type == "MatMul" and by_output.get(n.input[1]) is not None and by_output[n.input[1]].op_type == "DequantizeLinear"
+    ]
+    assert len(weight_matmuls) >= 2 * len(gated)
+    # float output: ORT runs them as MatMulIntegerToFloat (no QuantizeLinear after them)
+    assert all("QuantizeLinear" not in consumers.get(n.output[0], []) for n in weight_matmuls)
+
+
 def test_threshold_failure_raises_and_leaves_nothing(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
     strict = (

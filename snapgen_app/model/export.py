@@ -30,7 +30,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -388,9 +389,23 @@ def export_unet(
     if io.pooled_dim > 0:
         axes["pooled_text"] = (0,)
     graph = _PooledUNetGraph(unet) if io.pooled_dim > 0 else _UNetGraph(unet)
-    return _export(
-        graph, args, out_path, io.input_names, ("velocity",), axes if dynamic else None, opset, exporter
-    )
+    with _split_gates(unet):
+        return _export(
+            graph, args, out_path, io.input_names, ("velocity",), axes if dynamic else None, opset, exporter
+        )
+
+
+@contextmanager
+def _split_gates(module: nn.Module) -> Iterator[None]:
+    """Export GEGLU feed-forwards as two weight MatMuls (see ``unet.FeedForward.split_gate``)."""
+    gated = [m for m in module.modules() if hasattr(m, "split_gate")]
+    for m in gated:
+        m.split_gate = True
+    try:
+        yield
+    finally:
+        for m in gated:
+            m.split_gate = False
 
 
 def torch_unet_reference(unet: nn.Module, io: UNetIO) -> Callable[[Feeds], list[np.ndarray]]:

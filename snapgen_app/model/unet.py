@@ -132,7 +132,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU (or GELU) MLP with hidden width ``ffn_expansion x dim``."""
+    """GEGLU (or GELU) MLP with hidden width ``ffn_expansion x dim``.
+
+    ``split_gate`` (a runtime flag, not config; set by the ONNX export) computes the GEGLU's value and
+    gate halves as two linears on the halves of ``proj_in``'s weight instead of one linear and a
+    ``chunk``: the same numbers, but the exported graph has two weight MatMuls (each quantizable,
+    their weight slices constant-folded) and no Slice passes over the widest activation of the
+    network (about 5 % of an int8 UNet step at 1024 px on a CPU).
+    """
 
     def __init__(self, dim: int, cfg: UNetConfig) -> None:
         super().__init__()
@@ -140,8 +147,14 @@ class FeedForward(nn.Module):
         self.gated = cfg.ffn_type == "geglu"
         self.proj_in = nn.Linear(dim, inner * 2 if self.gated else inner)
         self.proj_out = nn.Linear(inner, dim)
+        self.split_gate = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated and self.split_gate:
+            inner = self.proj_out.in_features
+            weight, bias = self.proj_in.weight, self.proj_in.bias
+            h = F.linear(x, weight[:inner], bias[:inner]) * F.gelu(F.linear(x, weight[inner:], bias[inner:]))
+            return self.proj_out(h)
         h = self.proj_in(x)
         if self.gated:
             h, gate = h.chunk(2, dim=-1)
