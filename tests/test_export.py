@@ -222,7 +222,9 @@ def test_geglu_exports_as_two_weight_matmuls_without_slices(bundle: Path, checkp
     weight_matmuls = [
         n
         for n in int8.graph.node
-        if n.op_type == "MatMul" and by_output.get(n.input[1]) is not None and by_output[n.input[1]].op_type == "DequantizeLinear"
+        if n.op_type == "MatMul"
+        and by_output.get(n.input[1]) is not None
+        and by_output[n.input[1]].op_type == "DequantizeLinear"
     ]
     assert len(weight_matmuls) >= 2 * len(gated)
     # float output: ORT runs them as MatMulIntegerToFloat (no QuantizeLinear after them)
