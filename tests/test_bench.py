@@ -58,3 +58,43 @@ def test_targets_compare_rows_of_the_same_runtime_and_precision() -> None:
     assert targets["snapgen-t2i 1024px int8: % of int8 MatMul peak"]["passed"] is False
     assert targets["snapgen-t2i 1024px fp32: % of fp32 MatMul peak"]["passed"] is None  # reported only
     assert targets["end to end 4-step 1024px image, snapgen-t2i int8"]["passed"] is True
+
+
+def test_pct_of_peak_uses_the_peak_measured_beside_the_runs() -> None:
+    peaks = {"int8": {"gflops": 1000.0}}
+    res = {"median_s": 2.0, "runs": 3, "peak_rss_gb": 1.0}
+    count = {"params_m": 1.0, "gflop": 800.0}
+    separate = bench._unet_row("snapgen-t2i", 1024, "onnxruntime", "int8", count, res, peaks)
+    assert separate["pct_of_peak"] == 40.0 and separate["peak_interleaved"] is False
+    beside = bench._unet_row(
+        "snapgen-t2i", 1024, "onnxruntime", "int8", count, {**res, "peak_gflops": 800.0}, peaks
+    )
+    assert beside["pct_of_peak"] == 50.0 and beside["peak_interleaved"] is True
+    assert "beside" in bench.render_table({"unet": [beside], "decoder": [], "targets": []})
+
+
+def test_time_onnx_measures_the_peak_in_the_same_process(tmp_path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    res = bench.job_time_onnx(str(path), {"x": [[4], "float32", None]}, runs=2, warmup=0, peak_precision="fp32")
+    assert res["runs"] == 2 and len(res["times"]) == 2
+    assert res["peak_gflops"] > 1.0  # a 2048^3 fp32 MatMul on any CPU this runs on
+    assert "peak_gflops" not in bench.job_time_onnx(str(path), {"x": [[4], "float32", None]}, runs=1, warmup=0)
+
+
+def test_latency_ratio_targets_say_what_bounds_them() -> None:
+    snap = {**_row("snapgen-t2i", 1024, "torch-eager", "fp32", 6.0), "gflop": 1300.0, "gflops": 216.7}
+    sdxl = {**_row("sdxl", 1024, "torch-eager", "fp32", 30.0), "gflop": 6500.0, "gflops": 216.7}
+    targets = bench.evaluate_targets({"unet": [snap, sdxl], "decoder": []})
+    sdxl_target = next(t for t in targets if t["target"].startswith("SDXL"))
+    assert sdxl_target["passed"] is False and "GFLOP ratio 5.00x" in sdxl_target["detail"]
+    assert "GFLOP ratio 5.00x" in bench.render_table({"unet": [], "decoder": [], "targets": targets})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 
 THREADS = 2
+PEAK_N = 2048  # the MatMul peak's size: n^3, large enough to run at the kernel's best
 BENCH_TOKENS = (
     77  # every UNet gets a 77-token context (CLIP length) so the cross-attention cost is comparable
 )
@@ -274,8 +276,8 @@ def attention_score_gb(arch: str, px: int) -> float:
 # Jobs (each runs in its own subprocess)
 
 
-def job_peak(precision: str, n: int, runs: int) -> dict[str, Any]:
-    """GFLOP/s of an n^3 MatMul in ORT: fp32, or int8 QDQ (u8 activations, s8 per-channel weights)."""
+def _peak_matmul(precision: str, n: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """(ORT session, feeds) of an n^3 MatMul: fp32, or int8 QDQ (u8 activations, s8 per-channel weights)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -310,7 +312,13 @@ def job_peak(precision: str, n: int, runs: int) -> dict[str, Any]:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    times = time_runs(lambda: session.run(None, {"x": x}), runs=runs, warmup=2)
+    return session, {"x": x}
+
+
+def job_peak(precision: str, n: int, runs: int) -> dict[str, Any]:
+    """GFLOP/s of an n^3 MatMul in ORT (see :func:`_peak_matmul`)."""
+    session, feeds = _peak_matmul(precision, n)
+    times = time_runs(lambda: session.run(None, feeds), runs=runs, warmup=2)
     median = statistics.median(times)
     return {
         "precision": precision,
@@ -389,20 +397,46 @@ def calibration_px(arch: str, px: int, budget_gb: float) -> int:
     return px
 
 
-def job_time_onnx(path: str, inputs: dict[str, list[Any]], runs: int, warmup: int) -> dict[str, Any]:
-    """Median wall time of one ORT run of ``path`` on seeded inputs; peak RSS of this process."""
+def job_time_onnx(
+    path: str, inputs: dict[str, list[Any]], runs: int, warmup: int, peak_precision: str | None = None
+) -> dict[str, Any]:
+    """Median wall time of one ORT run of ``path`` on seeded inputs; peak RSS of this process.
+
+    With ``peak_precision``, the MatMul peak of that precision is measured in the same process,
+    interleaved with the timed runs (three MatMuls after each run; ``peak_gflops`` is their median):
+    this 2-core machine's speed drifts by 10-25 % over minutes (the int8 peak measured 1,265 and 1,727
+    GFLOP/s in two runs of the benchmark), so a '% of peak' from a peak taken minutes earlier in
+    another process measures the drift as much as the model.
+    """
     start = time.perf_counter()
     session = _ort_session(path)
     load_s = time.perf_counter() - start
     feeds = _random_feeds(inputs)
-    times = time_runs(lambda: session.run(None, feeds), runs=runs, warmup=warmup)
-    return {
+    peak_run: Callable[[], object] | None = None
+    if peak_precision:
+        peak_session, peak_feeds = _peak_matmul(peak_precision, PEAK_N)
+        peak_run = functools.partial(peak_session.run, None, peak_feeds)
+        time_runs(peak_run, runs=0, warmup=2)  # warm it before anything is timed
+    peak_times: list[float] = []
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - begin)
+        if peak_run is not None:
+            peak_times += time_runs(peak_run, runs=3, warmup=0)
+    result: dict[str, Any] = {
         "median_s": statistics.median(times),
         "times": times,
         "runs": runs,
         "load_s": load_s,
         "peak_rss_gb": peak_rss_bytes() / 1e9,
     }
+    if peak_times:
+        result["peak_gflops"] = 2 * PEAK_N**3 / statistics.median(peak_times) / 1e9
+    return result
 
 
 def job_time_torch_unet(arch: str, px: int, runs: int, warmup: int) -> dict[str, Any]:
@@ -822,7 +856,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
     with tempfile.TemporaryDirectory(prefix="snapgen-bench-") as work:
         log("MatMul peaks")
         report["peak"] = {
-            p: run_job("peak", log, precision=p, n=2048, runs=max(5, settings.runs)) for p in ("fp32", "int8")
+            p: run_job("peak", log, precision=p, n=PEAK_N, runs=max(5, settings.runs))
+            for p in ("fp32", "int8")
         }
 
         log("GFLOP counts")
@@ -887,6 +922,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
                             inputs=unet_inputs(io[arch], px),
                             runs=settings.runs,
                             warmup=settings.warmup,
+                            peak_precision=precision,
                         )
                         report["unet"].append(
                             _unet_row(arch, px, "onnxruntime", precision, count, res, report["peak"])
@@ -961,7 +997,13 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
                 log(f"time decoder {which} {px}px {precision}")
                 spec = {"latent": [[1, 16, px // 8, px // 8], "float32", None]}
                 res = run_job(
-                    "time_onnx", log, path=path, inputs=spec, runs=settings.runs, warmup=settings.warmup
+                    "time_onnx",
+                    log,
+                    path=path,
+                    inputs=spec,
+                    runs=settings.runs,
+                    warmup=settings.warmup,
+                    peak_precision=precision,
                 )
                 report["decoder"].append(
                     _decoder_row(which, px, precision, decoders[which], res, report["peak"])
@@ -1020,12 +1062,20 @@ def _unet_row(
         row["error"] = res["error"]
         return row
     row.update(median_s=res["median_s"], runs=res["runs"], peak_rss_gb=res["peak_rss_gb"])
-    if row["gflop"]:
-        row["gflops"] = row["gflop"] / res["median_s"]
-        peak = peaks.get(precision, {}).get("gflops")
-        if peak:
-            row["pct_of_peak"] = 100.0 * row["gflops"] / peak
+    _add_throughput(row, res, peaks.get(precision, {}).get("gflops"))
     return row
+
+
+def _add_throughput(row: dict[str, Any], res: dict[str, Any], separate_peak: float | None) -> None:
+    """GFLOP/s and % of peak; the peak measured beside the runs (``time_onnx``) when there is one."""
+    if not row["gflop"]:
+        return
+    row["gflops"] = row["gflop"] / res["median_s"]
+    peak = res.get("peak_gflops") or separate_peak
+    if peak:
+        row["peak_gflops"] = peak
+        row["peak_interleaved"] = "peak_gflops" in res
+        row["pct_of_peak"] = 100.0 * row["gflops"] / peak
 
 
 def _decoder_row(
@@ -1042,11 +1092,7 @@ def _decoder_row(
         row["error"] = res["error"]
         return row
     row.update(median_s=res["median_s"], runs=res["runs"], peak_rss_gb=res["peak_rss_gb"])
-    if row["gflop"]:
-        row["gflops"] = row["gflop"] / res["median_s"]
-        peak = peaks.get(precision, {}).get("gflops")
-        if peak:
-            row["pct_of_peak"] = 100.0 * row["gflops"] / peak
+    _add_throughput(row, res, peaks.get(precision, {}).get("gflops"))
     return row
 
 
@@ -1055,6 +1101,17 @@ def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
         if all(row.get(k) == v for k, v in match.items()) and "median_s" in row:
             return row
     return None
+
+
+def _flop_bound_detail(big: dict[str, Any], small: dict[str, Any], big_name: str, small_name: str) -> str:
+    """What bounds a latency ratio: the FLOP ratio (the latency ratio at equal GFLOP/s) and each
+    side's achieved GFLOP/s; '' when a row has no count."""
+    if not (big.get("gflop") and small.get("gflop") and big.get("gflops") and small.get("gflops")):
+        return ""
+    return (
+        f"GFLOP ratio {big['gflop'] / small['gflop']:.2f}x (the latency ratio if both ran at the same GFLOP/s); "
+        f"achieved {big_name} {big['gflops']:.0f} vs {small_name} {small['gflops']:.0f} GFLOP/s"
+    )
 
 
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1094,6 +1151,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 ratio,
                 ">= 7x",
                 ratio >= 7.0,
+                _flop_bound_detail(sdxl, snap, "SDXL", "snapgen-t2i"),
             )
     dec = {(r["decoder"], r["precision"]): r for r in report["decoder"] if "median_s" in r}
     for precision in ("fp32", "int8"):
@@ -1104,6 +1162,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 ratio,
                 ">= 30x",
                 ratio >= 30.0,
+                _flop_bound_detail(dec[("sd3", precision)], dec[("tiny", precision)], "SD3", "tiny"),
             )
     for precision, goal in (("int8", 50.0), ("fp32", None)):
         row = _find(rows, arch="snapgen-t2i", px=top, runtime="onnxruntime", precision=precision)
@@ -1139,6 +1198,13 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return str(value)
 
 
+def _peak_used(row: dict[str, Any]) -> str:
+    """The peak a row's '% of peak' divides by; 'beside' = measured interleaved with its runs."""
+    if "peak_gflops" not in row:
+        return "-"
+    return f"{row['peak_gflops']:.0f} ({'beside' if row.get('peak_interleaved') else 'separate'})"
+
+
 def render_table(report: dict[str, Any]) -> str:
     """The report as Markdown tables (printed by the CLI and written to docs/performance.md)."""
     lines: list[str] = []
@@ -1149,33 +1215,34 @@ def render_table(report: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(
-        "| UNet | px | runtime | precision | params (M) | GFLOP/step | s/step (median) | runs | GFLOP/s | % of peak | peak RSS (GB) |"
+        "| UNet | px | runtime | precision | params (M) | GFLOP/step | s/step (median) | runs | GFLOP/s | % of peak | peak used (GFLOP/s) | peak RSS (GB) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report.get("unet", []):
         if "error" in r:
             lines.append(
-                f"| {r['arch']} | {r['px']} | {r['runtime']} | {r['precision']} | {_fmt(r.get('params_m'), '.0f')} | {_fmt(r.get('gflop'), '.0f')} | failed: {r['error'][:60]} | | | | |"
+                f"| {r['arch']} | {r['px']} | {r['runtime']} | {r['precision']} | {_fmt(r.get('params_m'), '.0f')} | {_fmt(r.get('gflop'), '.0f')} | failed: {r['error'][:60]} | | | | | |"
             )
             continue
         lines.append(
             f"| {r['arch']} | {r['px']} | {r['runtime']} | {r['precision']} | {_fmt(r.get('params_m'), '.0f')} | {_fmt(r.get('gflop'), '.0f')} "
-            f"| {_fmt(r['median_s'], '.3f')} | {r['runs']} | {_fmt(r.get('gflops'), '.0f')} | {_fmt(r.get('pct_of_peak'), '.0f')} | {_fmt(r['peak_rss_gb'], '.2f')} |"
+            f"| {_fmt(r['median_s'], '.3f')} | {r['runs']} | {_fmt(r.get('gflops'), '.0f')} | {_fmt(r.get('pct_of_peak'), '.0f')} "
+            f"| {_peak_used(r)} | {_fmt(r['peak_rss_gb'], '.2f')} |"
         )
     lines.append("")
     lines.append(
-        "| decoder | px | precision | params (M) | GFLOP | s (median) | runs | GFLOP/s | % of peak | peak RSS (GB) |"
+        "| decoder | px | precision | params (M) | GFLOP | s (median) | runs | GFLOP/s | % of peak | peak used (GFLOP/s) | peak RSS (GB) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in report.get("decoder", []):
         if "error" in r:
             lines.append(
-                f"| {r['decoder']} | {r['px']} | {r['precision']} | | | failed: {r['error'][:60]} | | | | |"
+                f"| {r['decoder']} | {r['px']} | {r['precision']} | | | failed: {r['error'][:60]} | | | | | |"
             )
             continue
         lines.append(
             f"| {r['decoder']} | {r['px']} | {r['precision']} | {_fmt(r.get('params_m'), '.2f')} | {_fmt(r.get('gflop'), '.1f')} | {_fmt(r['median_s'], '.3f')} "
-            f"| {r['runs']} | {_fmt(r.get('gflops'), '.0f')} | {_fmt(r.get('pct_of_peak'), '.0f')} | {_fmt(r['peak_rss_gb'], '.2f')} |"
+            f"| {r['runs']} | {_fmt(r.get('gflops'), '.0f')} | {_fmt(r.get('pct_of_peak'), '.0f')} | {_peak_used(r)} | {_fmt(r['peak_rss_gb'], '.2f')} |"
         )
     e2e = report.get("e2e")
     if e2e:
@@ -1206,6 +1273,9 @@ def render_table(report: dict[str, Any]) -> str:
             t["passed"]
         ]
         lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['goal']} | {verdict} |")
+    details = [f"- {t['target']}: {t['detail']}" for t in report.get("targets", []) if t.get("detail")]
+    if details:
+        lines += ["", *details]
     for note in report.get("notes", []):
         lines.append(f"\nNote: {note}")
     return "\n".join(lines)
@@ -1232,9 +1302,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Figures are medians of {settings['runs']} timed runs after {settings['warmup']} warm-up run(s); each measurement runs in its own process (peak RSS is that process's).",
         "- All UNets have random weights, batch 1, a 77-token text context, timestep 500; built from their public configs, exported with "
         f"torch.onnx ({settings['exporter']} exporter, opset 18) and quantized the same way (int8 static QDQ: Conv + weight MatMul/Gemm only, u8 activations, "
-        f"s8 per-channel weights, MinMax calibration on {settings['calib_prompts']} Euler trajectories x {settings['calib_steps']} steps at {settings['calib_resolution']} px).",
+        f"s8 per-channel weights, weight MatMuls with a float output, MinMax calibration on {settings['calib_prompts']} Euler trajectories x {settings['calib_steps']} steps at {settings['calib_resolution']} px).",
         "- GFLOP counted with torch's FlopCounterMode on the meta device (attention included; multiply-add = 2 FLOP). "
-        "'% of peak' = achieved GFLOP/s over the ONNX Runtime MatMul peak of the same precision.",
+        "'% of peak' = achieved GFLOP/s over the ONNX Runtime MatMul peak of the same precision; for ONNX Runtime rows that peak "
+        "is measured in the same process, three 2048^3 MatMuls after each timed run ('beside'), because this machine's speed drifts "
+        "by 10-25 % over minutes; torch rows use the peak measured at the start ('separate').",
         f"- Full run: {'no (quick smoke settings: numbers are not representative)' if settings['quick'] else 'yes'}; total {report.get('total_s', 0) / 60:.1f} min.",
         "",
         "## Results",
