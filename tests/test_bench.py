@@ -85,10 +85,14 @@ def test_time_onnx_measures_the_peak_in_the_same_process(tmp_path) -> None:
     )
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    res = bench.job_time_onnx(str(path), {"x": [[4], "float32", None]}, runs=2, warmup=0, peak_precision="fp32")
+    res = bench.job_time_onnx(
+        str(path), {"x": [[4], "float32", None]}, runs=2, warmup=0, peak_precision="fp32"
+    )
     assert res["runs"] == 2 and len(res["times"]) == 2
     assert res["peak_gflops"] > 1.0  # a 2048^3 fp32 MatMul on any CPU this runs on
-    assert "peak_gflops" not in bench.job_time_onnx(str(path), {"x": [[4], "float32", None]}, runs=1, warmup=0)
+    assert "peak_gflops" not in bench.job_time_onnx(
+        str(path), {"x": [[4], "float32", None]}, runs=1, warmup=0
+    )
 
 
 def test_latency_ratio_targets_say_what_bounds_them() -> None:
