@@ -44,6 +44,9 @@ import numpy as np
 
 THREADS = 2
 PEAK_N = 2048  # the MatMul peak's size: n^3, large enough to run at the kernel's best
+SPIN_PAUSE_S = (
+    0.25  # pause between two ORT sessions' runs so neither runs beside the other's spinning threads
+)
 BENCH_TOKENS = (
     77  # every UNet gets a 77-token context (CLIP length) so the cross-attention cost is comparable
 )
@@ -403,7 +406,8 @@ def job_time_onnx(
     """Median wall time of one ORT run of ``path`` on seeded inputs; peak RSS of this process.
 
     With ``peak_precision``, the MatMul peak of that precision is measured in the same process,
-    interleaved with the timed runs (three MatMuls after each run; ``peak_gflops`` is their median):
+    interleaved with the timed runs (three MatMuls after each run, with pauses so that neither
+    session's spinning worker threads slow the other; ``peak_gflops`` is their median):
     this 2-core machine's speed drifts by 10-25 % over minutes (the int8 peak measured 1,265 and 1,727
     GFLOP/s in two runs of the benchmark), so a '% of peak' from a peak taken minutes earlier in
     another process measures the drift as much as the model.
@@ -426,7 +430,12 @@ def job_time_onnx(
         session.run(None, feeds)
         times.append(time.perf_counter() - begin)
         if peak_run is not None:
+            # ORT's idle worker threads spin for a while after a run: without the pauses each
+            # session's spinning threads take the CPU from the other (measured: the int8 peak right
+            # after a UNet run reads 450-900 GFLOP/s, after 0.2 s of pause 1,480-1,650).
+            time.sleep(SPIN_PAUSE_S)
             peak_times += time_runs(peak_run, runs=3, warmup=0)
+            time.sleep(SPIN_PAUSE_S)
     result: dict[str, Any] = {
         "median_s": statistics.median(times),
         "times": times,
@@ -1305,7 +1314,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"s8 per-channel weights, weight MatMuls with a float output, MinMax calibration on {settings['calib_prompts']} Euler trajectories x {settings['calib_steps']} steps at {settings['calib_resolution']} px).",
         "- GFLOP counted with torch's FlopCounterMode on the meta device (attention included; multiply-add = 2 FLOP). "
         "'% of peak' = achieved GFLOP/s over the ONNX Runtime MatMul peak of the same precision; for ONNX Runtime rows that peak "
-        "is measured in the same process, three 2048^3 MatMuls after each timed run ('beside'), because this machine's speed drifts "
+        "is measured in the same process, three 2048^3 MatMuls after each timed run with 0.25 s pauses around them ('beside'), because this machine's speed drifts "
         "by 10-25 % over minutes; torch rows use the peak measured at the start ('separate').",
         f"- Full run: {'no (quick smoke settings: numbers are not representative)' if settings['quick'] else 'yes'}; total {report.get('total_s', 0) / 60:.1f} min.",
         "",
