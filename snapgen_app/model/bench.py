@@ -44,9 +44,8 @@ import numpy as np
 
 THREADS = 2
 PEAK_N = 2048  # the MatMul peak's size: n^3, large enough to run at the kernel's best
-SPIN_PAUSE_S = (
-    0.25  # pause between two ORT sessions' runs so neither runs beside the other's spinning threads
-)
+# Pause between two ORT sessions' runs, so that neither runs beside the other's spinning threads.
+SPIN_PAUSE_S = 0.25
 BENCH_TOKENS = (
     77  # every UNet gets a 77-token context (CLIP length) so the cross-attention cost is comparable
 )
