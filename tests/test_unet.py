@@ -92,6 +92,33 @@ def test_gradient_checkpointing_gives_the_same_output_and_grads() -> None:
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
 
 
+def test_split_gate_gives_the_same_output_plain_and_lora_wrapped() -> None:
+    """The export's two-MatMul GEGLU computes what the one-MatMul GEGLU does; a LoRA-wrapped
+    proj_in keeps running whole (slicing its base weight would drop the adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    from snapgen_app.model.unet import FeedForward
+
+    def set_split(model: torch.nn.Module, on: bool) -> None:
+        for m in model.modules():
+            if isinstance(m, FeedForward):
+                m.split_gate = on
+
+    model = _tiny()
+    _perturb(model)
+    inputs = _inputs(model.unet_config)
+    with torch.no_grad():
+        whole = model(**inputs)
+        set_split(model, True)
+        torch.testing.assert_close(model(**inputs), whole, rtol=1e-5, atol=1e-6)
+        set_split(model, False)
+        lora = get_peft_model(model, LoraConfig(r=4, target_modules=["proj_in"], init_lora_weights=False))
+        with_adapter = lora(**inputs)
+        assert not torch.allclose(with_adapter, whole, atol=1e-4)  # the adapter changes the output
+        set_split(lora, True)
+        torch.testing.assert_close(lora(**inputs), with_adapter, rtol=1e-5, atol=1e-6)
+
+
 def test_save_pretrained_round_trip_is_bit_exact(tmp_path) -> None:
     model = _tiny().eval()
     _perturb(model)

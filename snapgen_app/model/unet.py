@@ -150,7 +150,8 @@ class FeedForward(nn.Module):
         self.split_gate = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated and self.split_gate:
+        # Only a plain Linear: a LoRA-wrapped proj_in (peft) must run whole to include its adapter.
+        if self.gated and self.split_gate and type(self.proj_in) is nn.Linear:
             inner = self.proj_out.in_features
             weight, bias = self.proj_in.weight, self.proj_in.bias
             h = F.linear(x, weight[:inner], bias[:inner]) * F.gelu(F.linear(x, weight[inner:], bias[inner:]))
