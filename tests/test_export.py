@@ -35,8 +35,10 @@ from snapgen_app.model.export import (  # noqa: E402
     decoder_parity_feeds,
     export_bundle,
     export_decoder,
+    export_unet,
     sha256_of_tree,
     torch_module_reference,
+    unet_io,
     write_checkpoint,
 )
 from snapgen_app.model.presets import unet_preset  # noqa: E402
@@ -201,7 +203,6 @@ def test_geglu_exports_as_two_weight_matmuls_without_slices(bundle: Path, checkp
     widest activation), each quantized in int8 and run with a float output, and the torch module is
     left as it was (the export switches ``split_gate`` on only while it traces)."""
     unet = SnapGenUNet.from_pretrained(str(checkpoint / "unet"))
-    assert not any(getattr(m, "split_gate", False) for m in unet.modules())
     gated = [m for m in unet.modules() if hasattr(m, "split_gate")]
     fp32 = onnx.load(str(bundle / "unet.fp32.onnx"))
     producers = {out: n for n in fp32.graph.node for out in n.output}
@@ -212,7 +213,7 @@ def test_geglu_exports_as_two_weight_matmuls_without_slices(bundle: Path, checkp
         source = producers[erf.input[0]]
         while source.op_type in ("Add", "Div", "Mul"):
             source = producers[next(i for i in source.input if i in producers and i not in inits)]
-        assert source.op_type == "MatMul", source.op_type
+        assert source.op_type == "MatMul" and source.input[1] in inits, source.op_type
     int8 = onnx.load(str(bundle / "unet.int8.onnx"))
     consumers: dict[str, list[str]] = {}
     for node in int8.graph.node:
@@ -229,6 +230,31 @@ def test_geglu_exports_as_two_weight_matmuls_without_slices(bundle: Path, checkp
     assert len(weight_matmuls) >= 2 * len(gated)
     # float output: ORT runs them as MatMulIntegerToFloat (no QuantizeLinear after them)
     assert all("QuantizeLinear" not in consumers.get(n.output[0], []) for n in weight_matmuls)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_geglu_weights_are_constants_with_either_exporter(tmp_path: Path, exporter: str) -> None:
+    """Both exporters give the split GEGLU constant weights (a Slice of an initializer in the graph
+    would hide them from the int8 quantizer: the dynamo exporter does not fold one), and the module
+    is rejoined after the export."""
+    torch.manual_seed(0)
+    unet = SnapGenUNet.from_unet_config(unet_preset("tiny")).eval()
+    keys = set(unet.state_dict())
+    io = unet_io(unet, tokens=7)
+    path = export_unet(unet, tmp_path / "unet.onnx", io, example_latent=(16, 16), exporter=exporter).path
+    assert set(unet.state_dict()) == keys
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    inits |= {out for n in model.graph.node if n.op_type == "Constant" for out in n.output}
+    assert not any(n.op_type == "Slice" and n.input[0] in inits for n in model.graph.node)
+    producers = {out: n for n in model.graph.node for out in n.output}
+    erfs = [n for n in model.graph.node if n.op_type == "Erf"]
+    assert erfs
+    for erf in erfs:
+        source = producers[erf.input[0]]
+        while source.op_type in ("Add", "Div", "Mul"):
+            source = producers[next(i for i in source.input if i in producers and i not in inits)]
+        assert source.op_type == "MatMul" and source.input[1] in inits
 
 
 def test_threshold_failure_raises_and_leaves_nothing(checkpoint: Path, tmp_path: Path) -> None:

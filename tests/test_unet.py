@@ -93,29 +93,29 @@ def test_gradient_checkpointing_gives_the_same_output_and_grads() -> None:
 
 
 def test_split_gate_gives_the_same_output_plain_and_lora_wrapped() -> None:
-    """The export's two-MatMul GEGLU computes what the one-MatMul GEGLU does; a LoRA-wrapped
-    proj_in keeps running whole (slicing its base weight would drop the adapter)."""
+    """The export's two-MatMul GEGLU computes what the one-MatMul GEGLU does and leaves the state
+    dict as it was once rejoined; a LoRA-wrapped proj_in does not split (copies of its base weight
+    would drop the adapter)."""
     from peft import LoraConfig, get_peft_model
 
     from snapgen_app.model.unet import FeedForward
 
-    def set_split(model: torch.nn.Module, on: bool) -> None:
-        for m in model.modules():
-            if isinstance(m, FeedForward):
-                m.split_gate = on
+    def split(model: torch.nn.Module, on: bool) -> list[bool]:
+        return [m.split_gate(on) for m in model.modules() if isinstance(m, FeedForward)]
 
     model = _tiny()
     _perturb(model)
+    keys = set(model.state_dict())
     inputs = _inputs(model.unet_config)
     with torch.no_grad():
         whole = model(**inputs)
-        set_split(model, True)
+        assert all(split(model, True))
         torch.testing.assert_close(model(**inputs), whole, rtol=1e-5, atol=1e-6)
-        set_split(model, False)
+        assert not any(split(model, False)) and set(model.state_dict()) == keys
         lora = get_peft_model(model, LoraConfig(r=4, target_modules=["proj_in"], init_lora_weights=False))
         with_adapter = lora(**inputs)
         assert not torch.allclose(with_adapter, whole, atol=1e-4)  # the adapter changes the output
-        set_split(lora, True)
+        assert not any(split(lora, True))
         torch.testing.assert_close(lora(**inputs), with_adapter, rtol=1e-5, atol=1e-6)
 
 

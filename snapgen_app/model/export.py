@@ -398,14 +398,14 @@ def export_unet(
 @contextmanager
 def _split_gates(module: nn.Module) -> Iterator[None]:
     """Export GEGLU feed-forwards as two weight MatMuls (see ``unet.FeedForward.split_gate``)."""
-    gated = [m for m in module.modules() if hasattr(m, "split_gate")]
-    for m in gated:
-        m.split_gate = True
+    gated = [m for m in module.modules() if callable(getattr(m, "split_gate", None))]
     try:
+        for m in gated:
+            m.split_gate(True)
         yield
     finally:
         for m in gated:
-            m.split_gate = False
+            m.split_gate(False)
 
 
 def torch_unet_reference(unet: nn.Module, io: UNetIO) -> Callable[[Feeds], list[np.ndarray]]:

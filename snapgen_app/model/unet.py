@@ -134,11 +134,10 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU (or GELU) MLP with hidden width ``ffn_expansion x dim``.
 
-    ``split_gate`` (a runtime flag, not config; set by the ONNX export) computes the GEGLU's value and
-    gate halves as two linears on the halves of ``proj_in``'s weight instead of one linear and a
-    ``chunk``: the same numbers, but the exported graph has two weight MatMuls (each quantizable,
-    their weight slices constant-folded) and no Slice passes over the widest activation of the
-    network (about 5 % of an int8 UNet step at 1024 px on a CPU).
+    :meth:`split_gate` (used by the ONNX export, not a config field) gives the GEGLU's value and gate
+    halves their own linears, copies of the halves of ``proj_in``: the same numbers, but the exported
+    graph has two weight MatMuls with constant weights (each quantizable) and no Slice passes over the
+    widest activation of the network (about 5 % of an int8 UNet step at 1024 px on a CPU).
     """
 
     def __init__(self, dim: int, cfg: UNetConfig) -> None:
@@ -147,15 +146,33 @@ class FeedForward(nn.Module):
         self.gated = cfg.ffn_type == "geglu"
         self.proj_in = nn.Linear(dim, inner * 2 if self.gated else inner)
         self.proj_out = nn.Linear(inner, dim)
-        self.split_gate = False
+        self.gate_halves: nn.ModuleList | None = None  # (value, gate) while split
+
+    def split_gate(self, on: bool) -> bool:
+        """Split (``on``) or rejoin the GEGLU projection; True when it is split afterwards.
+
+        Only a plain ``nn.Linear`` splits: a LoRA-wrapped ``proj_in`` (peft) must run whole, since
+        copies of its base weight would drop the adapter. The halves are new modules holding copies
+        (not views sliced in ``forward``), so every exporter sees constant weights.
+        """
+        self.gate_halves = None
+        if not (on and self.gated and type(self.proj_in) is nn.Linear):
+            return False
+        inner = self.proj_out.in_features
+        halves = nn.ModuleList()
+        for rows in (slice(0, inner), slice(inner, 2 * inner)):
+            half = nn.Linear(self.proj_in.in_features, inner, device=self.proj_in.weight.device)
+            with torch.no_grad():
+                half.weight.copy_(self.proj_in.weight[rows])
+                half.bias.copy_(self.proj_in.bias[rows])
+            halves.append(half.to(self.proj_in.weight.dtype))
+        self.gate_halves = halves
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Only a plain Linear: a LoRA-wrapped proj_in (peft) must run whole to include its adapter.
-        if self.gated and self.split_gate and type(self.proj_in) is nn.Linear:
-            inner = self.proj_out.in_features
-            weight, bias = self.proj_in.weight, self.proj_in.bias
-            h = F.linear(x, weight[:inner], bias[:inner]) * F.gelu(F.linear(x, weight[inner:], bias[inner:]))
-            return self.proj_out(h)
+        if self.gate_halves is not None:
+            value, gate = self.gate_halves
+            return self.proj_out(value(x) * F.gelu(gate(x)))
         h = self.proj_in(x)
         if self.gated:
             h, gate = h.chunk(2, dim=-1)
