@@ -200,20 +200,12 @@ def test_int8_variant_lists_attention_matmuls_as_kept(bundle: Path) -> None:
 
 def test_geglu_exports_as_two_weight_matmuls_without_slices(bundle: Path, checkpoint: Path) -> None:
     """The feed-forward's value and gate halves are separate weight MatMuls (no Slice over the
-    widest activation), each quantized in int8 and run with a float output, and the torch module is
-    left as it was (the export switches ``split_gate`` on only while it traces)."""
+    widest activation), each quantized in int8 and run with a float output."""
     unet = SnapGenUNet.from_pretrained(str(checkpoint / "unet"))
     gated = [m for m in unet.modules() if hasattr(m, "split_gate")]
-    fp32 = onnx.load(str(bundle / "unet.fp32.onnx"))
-    producers = {out: n for n in fp32.graph.node for out in n.output}
-    inits = {i.name for i in fp32.graph.initializer}
-    erfs = [n for n in fp32.graph.node if n.op_type == "Erf"]  # opset 18 writes GELU out with Erf
-    assert len(erfs) == len(gated) > 0
-    for erf in erfs:  # the gate comes from its own linear (MatMul -> Add -> Div), not from a Slice
-        source = producers[erf.input[0]]
-        while source.op_type in ("Add", "Div", "Mul"):
-            source = producers[next(i for i in source.input if i in producers and i not in inits)]
-        assert source.op_type == "MatMul" and source.input[1] in inits, source.op_type
+    gates = _gelu_gate_linears(onnx.load(str(bundle / "unet.fp32.onnx")))
+    assert len(gates) == len(gated) > 0
+    assert all(constant_weight for _, constant_weight in gates), gates
     int8 = onnx.load(str(bundle / "unet.int8.onnx"))
     consumers: dict[str, list[str]] = {}
     for node in int8.graph.node:
@@ -244,17 +236,28 @@ def test_geglu_weights_are_constants_with_either_exporter(tmp_path: Path, export
     path = export_unet(unet, tmp_path / "unet.onnx", io, example_latent=(16, 16), exporter=exporter).path
     assert set(unet.state_dict()) == keys
     model = onnx.load(str(path))
-    inits = {i.name for i in model.graph.initializer}
-    inits |= {out for n in model.graph.node if n.op_type == "Constant" for out in n.output}
-    assert not any(n.op_type == "Slice" and n.input[0] in inits for n in model.graph.node)
+    assert not any(n.op_type == "Slice" and n.input[0] in _constants(model) for n in model.graph.node)
+    gates = _gelu_gate_linears(model)
+    assert gates and all(constant_weight for _, constant_weight in gates), gates
+
+
+def _constants(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.initializer}
+    return names | {out for n in model.graph.node if n.op_type == "Constant" for out in n.output}
+
+
+def _gelu_gate_linears(model: onnx.ModelProto) -> list[tuple[str, bool]]:
+    """For each GELU of an opset-18 graph (written out with Erf): the op its gate comes from, past
+    the bias Add and the Div by sqrt(2), and whether that op is a MatMul with a constant weight."""
+    constants = _constants(model)
     producers = {out: n for n in model.graph.node for out in n.output}
-    erfs = [n for n in model.graph.node if n.op_type == "Erf"]
-    assert erfs
-    for erf in erfs:
+    found = []
+    for erf in (n for n in model.graph.node if n.op_type == "Erf"):
         source = producers[erf.input[0]]
         while source.op_type in ("Add", "Div", "Mul"):
-            source = producers[next(i for i in source.input if i in producers and i not in inits)]
-        assert source.op_type == "MatMul" and source.input[1] in inits
+            source = producers[next(i for i in source.input if i in producers and i not in constants)]
+        found.append((source.op_type, source.op_type == "MatMul" and source.input[1] in constants))
+    return found
 
 
 def test_threshold_failure_raises_and_leaves_nothing(checkpoint: Path, tmp_path: Path) -> None:

@@ -161,11 +161,12 @@ class FeedForward(nn.Module):
         inner = self.proj_out.in_features
         halves = nn.ModuleList()
         for rows in (slice(0, inner), slice(inner, 2 * inner)):
-            half = nn.Linear(self.proj_in.in_features, inner, device=self.proj_in.weight.device)
+            weight = self.proj_in.weight
+            half = nn.Linear(weight.shape[1], inner, device=weight.device, dtype=weight.dtype)
             with torch.no_grad():
-                half.weight.copy_(self.proj_in.weight[rows])
+                half.weight.copy_(weight[rows])
                 half.bias.copy_(self.proj_in.bias[rows])
-            halves.append(half.to(self.proj_in.weight.dtype))
+            halves.append(half)
         self.gate_halves = halves
         return True
 
