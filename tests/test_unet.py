@@ -21,7 +21,7 @@ from snapgen_app.model.flops import (  # noqa: E402
     unet_flops,
 )
 from snapgen_app.model.presets import UNET_PRESETS, unet_preset  # noqa: E402
-from snapgen_app.model.unet import Attention, SnapGenUNet  # noqa: E402
+from snapgen_app.model.unet import MATH_ATTENTION_MAX_SCORES, Attention, SnapGenUNet, attention  # noqa: E402
 
 LATENT = 16
 
@@ -90,6 +90,35 @@ def test_gradient_checkpointing_gives_the_same_output_and_grads() -> None:
     model(**inputs).sum().backward()
     for a, p in zip(ref, model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
+
+
+def _sdpa_kernels_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+@pytest.mark.parametrize("queries", [16, MATH_ATTENTION_MAX_SCORES // 8 + 64])
+def test_attention_trains_small_attentions_on_the_math_kernel_with_the_same_numbers(queries: int) -> None:
+    """Below the size limit a CPU backward runs the math kernel (much faster there than the flash
+    kernel's backward); above it, and without gradients, the flash kernel. Same output and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for n in (queries, 8, 8))
+    grads = []
+    for fn in (attention, torch.nn.functional.scaled_dot_product_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        kernels = _sdpa_kernels_run(lambda fn=fn, leaves=leaves: fn(*leaves).square().sum().backward())
+        grads.append([t.grad for t in leaves])
+        if fn is attention:
+            small = queries * 8 <= MATH_ATTENTION_MAX_SCORES
+            assert any("math" in k for k in kernels) == small, kernels
+            assert any("flash" in k for k in kernels) == (not small), kernels
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        kernels = _sdpa_kernels_run(lambda: attention(q, k, v))
+        assert any("flash" in k for k in kernels), kernels
+        torch.testing.assert_close(attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 def test_split_gate_gives_the_same_output_plain_and_lora_wrapped() -> None:
