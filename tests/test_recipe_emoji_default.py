@@ -218,3 +218,24 @@ def test_int8_calibration_prompts_are_a_seeded_sample_of_the_training_captions(t
     assert len(picked) == len(set(picked)) == CALIBRATION_PROMPT_COUNT
     assert set(picked) <= set(captions)
     assert recipe.calibration_prompts().read_text().splitlines() == picked  # same seed, same prompts
+
+
+def test_a_stage_clock_starts_with_this_process_training_loop(tmp_path: Path) -> None:
+    """The budget clock ignores start-up and caching: it waits for this trainer process's first
+    progress report or resume message, not for events an earlier process left in the file."""
+    from training_tools.recipes.emoji_default import _training_started
+
+    events = tmp_path / "events.jsonl"
+    assert not _training_started(events)
+    events.write_text(
+        '{"kind": "started", "step": 0}\n{"kind": "progress", "step": 10}\n{"kind": "cancelled"}\n'
+    )
+    assert _training_started(events)
+    offset = events.stat().st_size  # a resumed process starts writing here
+    assert not _training_started(events, offset)
+    with events.open("a") as f:
+        f.write('{"kind": "started", "step": 0}\n{"kind": "log", "message": "dataset: 12 images"}\n')
+    assert not _training_started(events, offset)  # still caching
+    with events.open("a") as f:
+        f.write('{"kind": "log", "step": 178, "message": "resumed from step-00000178"}\n')
+    assert _training_started(events, offset)
