@@ -45,3 +45,10 @@ def test_verdicts_follow_the_numbers() -> None:
     assert "35.0 / 40.0 = 88 % -> **NOT met**" in lines  # now the CFG row is shipped
     assert "80.0 % -> **NOT met**" in lines
     assert "(4.0 points) -> **NOT met**" in lines
+    # Once the shipped folder itself was scored (its text encoder differs from the run's bundle),
+    # the 4-step verdicts judge that row, and the table shows it.
+    results["shipped_int8"] = _result(0.34, 0.75)
+    lines = "\n".join(model_card.targets(results))
+    assert "34.0 / 40.0 = 85 % -> **NOT met**" in lines
+    assert "at 4 steps >= 85 %: 75.0 % -> **NOT met**" in lines
+    assert "| **as shipped**: int8, text encoder with int8 word embeddings" in model_card.eval_table(results)

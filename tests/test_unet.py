@@ -118,7 +118,9 @@ def test_attention_trains_small_attentions_on_the_math_kernel_with_the_same_numb
     with torch.no_grad():
         kernels = _sdpa_kernels_run(lambda: attention(q, k, v))
         assert any("flash" in k for k in kernels), kernels
-        torch.testing.assert_close(attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        torch.testing.assert_close(
+            attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        )
 
 
 def test_split_gate_gives_the_same_output_plain_and_lora_wrapped() -> None:

@@ -19,6 +19,10 @@ EVAL_ROWS: tuple[tuple[str, str], ...] = (
     ("bundle_int8_4", "exported bundle int8 (onnxruntime), 4 steps, no CFG"),
     ("bundle_fp32_4_cfg", "exported bundle fp32 (onnxruntime), 4 steps, CFG"),
     ("bundle_int8_4_cfg", "exported bundle int8 (onnxruntime), 4 steps, CFG"),
+    (
+        "shipped_int8",
+        "**as shipped**: int8, text encoder with int8 word embeddings, 4 steps, default guidance",
+    ),
 )
 CATEGORIES = ("single_object", "two_object", "counting", "background", "position")
 
@@ -67,6 +71,11 @@ def shipped_key(results: dict[str, Any]) -> str | None:
     return max(candidates, key=lambda k: float(results[k]["overall"]))
 
 
+def headline_key(results: dict[str, Any]) -> str | None:
+    """The row the targets judge the shipped model by: the shipped folder's own EmojiEval when it ran."""
+    return "shipped_int8" if "shipped_int8" in results else shipped_key(results)
+
+
 def _caveats(results: dict[str, Any]) -> list[str]:
     """When no model draws objects, say that the comparisons rest on the background category alone."""
     object_cats = ("single_object", "two_object", "counting", "position")
@@ -113,7 +122,7 @@ def targets(results: dict[str, Any]) -> list[str]:
             f"{kd_result.get('frechet_distance', float('nan')):.2f} vs "
             f"{no_kd_result.get('frechet_distance', float('nan')):.2f} (lower is better)."
         )
-    shipped = shipped_key(results)
+    shipped = headline_key(results)
     teacher, four = overall("teacher_28"), overall(shipped) if shipped else None
     if teacher and four is not None:
         ratio = round(four / teacher, 9)  # 0.36 / 0.40 is 90 %, not 89.99999999999999 %
@@ -157,7 +166,7 @@ def _stage_rows(summary: dict[str, Any]) -> str:
 
 
 def _quality_limits(results: dict[str, Any]) -> list[str]:
-    key = shipped_key(results)
+    key = headline_key(results)
     best = results.get(key) if key else None
     if best is None:
         return ["- Not evaluated."]
