@@ -174,7 +174,8 @@ def eval_as_shipped(recipe: Recipe, root: Path, manifest: Any) -> None:
     The run's own ``bundle_int8_4*`` rows score the exported bundle; the shipped folder differs from it
     in its text encoder (int8 word embeddings, :func:`shrink_text_encoder`), so the model card reports
     this row as what a user gets (session 10 measured a shipped bundle 6 points of single-object below
-    its card's int8 row, with no way left to tell why)."""
+    its card's int8 row; session 11 found such gaps are the 4-step model's sensitivity to any small
+    change of its conditioning, fp16 embeddings moved it further: docs/training.md, emoji-v6)."""
     from model_store.bundle import write_manifest
     from training_tools.recipes import emoji_eval
 
