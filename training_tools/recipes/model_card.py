@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from training_tools.recipes.emoji_default import Recipe
 
+SHIPPED_EVAL = "shipped_int8"  # the eval entry of the folder as shipped (written by ship.eval_as_shipped)
 EVAL_ROWS: tuple[tuple[str, str], ...] = (
     ("teacher_28", "teacher, 28 steps, CFG"),
     ("student_distilled_28", "student with multi-level KD, 28 steps, CFG"),
@@ -20,7 +21,7 @@ EVAL_ROWS: tuple[tuple[str, str], ...] = (
     ("bundle_fp32_4_cfg", "exported bundle fp32 (onnxruntime), 4 steps, CFG"),
     ("bundle_int8_4_cfg", "exported bundle int8 (onnxruntime), 4 steps, CFG"),
     (
-        "shipped_int8",
+        SHIPPED_EVAL,
         "**as shipped**: int8, text encoder with int8 word embeddings, 4 steps, default guidance",
     ),
 )
@@ -73,7 +74,7 @@ def shipped_key(results: dict[str, Any]) -> str | None:
 
 def headline_key(results: dict[str, Any]) -> str | None:
     """The row the targets judge the shipped model by: the shipped folder's own EmojiEval when it ran."""
-    return "shipped_int8" if "shipped_int8" in results else shipped_key(results)
+    return SHIPPED_EVAL if SHIPPED_EVAL in results else shipped_key(results)
 
 
 def _caveats(results: dict[str, Any]) -> list[str]:

@@ -165,9 +165,6 @@ def choose_guidance(recipe: Recipe, manifest: Any) -> Any:
     return manifest
 
 
-SHIPPED_EVAL = "shipped_int8"  # OUT/summary.json eval entry of the folder as shipped
-
-
 def eval_as_shipped(recipe: Recipe, root: Path, manifest: Any) -> None:
     """EmojiEval of the int8 variant exactly as shipped, at the shipped defaults (steps, guidance).
 
@@ -178,6 +175,7 @@ def eval_as_shipped(recipe: Recipe, root: Path, manifest: Any) -> None:
     change of its conditioning, fp16 embeddings moved it further: docs/training.md, emoji-v6)."""
     from model_store.bundle import write_manifest
     from training_tools.recipes import emoji_eval
+    from training_tools.recipes.model_card import SHIPPED_EVAL
 
     if "int8" not in manifest.variants:
         return
