@@ -64,12 +64,15 @@ def checkpoint_generator(
     return generate
 
 
-def bundle_generator(bundle: Path, precision: str, steps: int, guidance: float) -> GenerateFn:
-    """Generation through the torch-free runtime (onnxruntime on the CPU), one prompt at a time."""
+def bundle_generator(
+    bundle: Path, precision: str, steps: int, guidance: float, manifest: Any = None
+) -> GenerateFn:
+    """Generation through the torch-free runtime (onnxruntime on the CPU), one prompt at a time;
+    ``manifest`` (default: the folder's ``bundle.json``) names the files and the sampling shift."""
     from model_store.bundle import read_manifest
     from snapgen_app.pipeline.text_to_image import TextToImagePipeline
 
-    manifest = read_manifest(bundle)
+    manifest = manifest if manifest is not None else read_manifest(bundle)
     pipeline = TextToImagePipeline(bundle, manifest, precision, ["CPUExecutionProvider"])
     defaults = manifest.defaults
 

@@ -173,16 +173,14 @@ def eval_as_shipped(recipe: Recipe, root: Path, manifest: Any) -> None:
     this row as what a user gets (session 10 measured a shipped bundle 6 points of single-object below
     its card's int8 row; session 11 found such gaps are the 4-step model's sensitivity to any small
     change of its conditioning, fp16 embeddings moved it further: docs/training.md, emoji-v6)."""
-    from model_store.bundle import write_manifest
     from training_tools.recipes import emoji_eval
     from training_tools.recipes.model_card import SHIPPED_EVAL
 
     if "int8" not in manifest.variants:
         return
-    write_manifest(root, manifest)  # the pipeline reads the folder's own manifest
     d = manifest.defaults
     started = time.monotonic()
-    generate = emoji_eval.bundle_generator(root, "int8", d.steps, d.guidance_scale)
+    generate = emoji_eval.bundle_generator(root, "int8", d.steps, d.guidance_scale, manifest)
     images = recipe.out / "eval" / SHIPPED_EVAL
     report = emoji_eval.run_eval(generate, recipe.classifier_dir(), recipe.cfg.eval_per_category, images)
     result = {
