@@ -36,6 +36,7 @@ def _config(out: Path) -> RecipeConfig:
         ablation=False,
         teacher_steps_for_targets=4,
         flow_shift=2.0,
+        step_distill_guidance=3.0,
     )
 
 
@@ -90,6 +91,7 @@ def test_stages_chain_into_a_step_distilled_checkpoint(recipe_run: tuple[Recipe,
     assert step_cfg["stage"] == "step-distill"
     assert step_cfg["model"]["unet_path"].endswith("distill/final/unet")
     assert step_cfg["step_distill"]["student_steps"] == 4
+    assert step_cfg["step_distill"]["teacher_guidance"] == 3.0  # CFG-guided targets ran end to end
     # Every denoiser stage trains at the recipe's timestep shift, and the checkpoints sample at it.
     for stage in ("teacher", "distill", "step_distill"):
         cfg = json.loads((recipe.out / stage / "train_config.json").read_text())

@@ -133,7 +133,7 @@ def test_distillation_pulls_the_student_velocity_toward_the_teacher(
     print(
         f"student-teacher velocity MSE before {before:.4f} after {after:.4f}; feature KD {curve_feat[1]:.4f} -> {curve_feat[30]:.4f}"
     )
-    assert after < 0.7 * before
+    assert after < 0.6 * before  # unguided targets (teacher_guidance 1): 0.74
     assert curve_feat[30] < curve_feat[1]
 
 
@@ -209,6 +209,58 @@ def test_step_distillation_brings_4_steps_closer_to_the_teacher_28(
     )
     assert after < 0.85 * before
     assert g_moved > 0.1 and d1 < d0 - 0.05
+
+
+def test_guided_step_distillation_learns_the_teachers_cfg_trajectories_without_cfg(
+    tmp_path: Path, shapes: tuple[Path, Path], teachers: dict[str, Path]
+) -> None:
+    """With ``teacher_guidance`` w the student's plain 4-step samples (one call per step) move
+    towards the teacher's 28-step samples under CFG w, and away from the unguided ones."""
+    data, cache = shapes
+    teacher_dir, w = teachers["snapgen"], 3.0
+    cfg = base_config(
+        tmp_path,
+        data,
+        cache,
+        stage="step-distill",
+        max_steps=40,
+        **{
+            "teacher.path": str(teacher_dir),
+            "model.unet_path": str(teacher_dir),
+            "model.train_text": False,
+            "kd.scaling": "kd_only",
+            "optim.lr": 1e-4,
+            "optim.ema": False,
+            "step_distill.adv_weight": 0.0,
+            "step_distill.teacher_guidance": w,
+        },
+    )
+    torch.manual_seed(cfg.seed)
+    parts = build_student_parts(cfg)
+    teacher = SnapGenUNet.from_pretrained(teacher_dir).eval()
+    prompts = ["a red circle", "a blue square", "a green circle", "a yellow square"]
+    tokens, pooled = parts.text.encode(prompts)
+    null_tokens, null_pooled = parts.text.encode(prompts, drop_all=True)
+    noise = torch.stack([torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(100 + i)) for i in range(4)])
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = teacher(x, t * 1000, tokens, pooled)
+        return cond + (w - 1.0) * (cond - teacher(x, t * 1000, null_tokens, null_pooled))
+
+    def plain(unet: torch.nn.Module) -> torch.Tensor:
+        return flow.euler_sample(lambda x, t: unet(x, t * 1000, tokens, pooled), noise, 4, 1.0)
+
+    with torch.no_grad():
+        reference = flow.euler_sample(guided, noise, 28, 1.0)
+        unguided = flow.euler_sample(lambda x, t: teacher(x, t * 1000, tokens, pooled), noise, 28, 1.0)
+        before = float((plain(teacher) - reference).pow(2).mean())
+    student = SnapGenUNet.from_pretrained(Path(run_quietly(cfg)["final"]) / "unet").eval()
+    with torch.no_grad():
+        samples = plain(student)
+    after = float((samples - reference).pow(2).mean())
+    print(f"plain 4 steps vs teacher 28 steps at CFG {w}: MSE before {before:.5f}, after {after:.5f}")
+    assert float((reference - unguided).pow(2).mean()) > 0.2 * before  # CFG matters for this teacher
+    assert after < 0.6 * before  # unguided targets (teacher_guidance 1): 0.74
 
 
 def test_lora_finetune_merges_into_a_plain_unet(

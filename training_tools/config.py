@@ -182,6 +182,9 @@ class StepDistillConfig(ConfigBase):
     student_steps: int = 4
     teacher_steps: int = 28
     adv_weight: float = 0.1
+    # Classifier-free guidance of the teacher's targets: 1 = the unguided teacher; > 1 bakes guidance
+    # into the student, which then samples with one network call per step and no CFG (the paper).
+    teacher_guidance: float = 1.0
     gan_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_lr: float = 1e-4
     disc_hidden: int = 64
@@ -194,6 +197,7 @@ class StepDistillConfig(ConfigBase):
             "must be >= student_steps",
         )
         require(self.adv_weight >= 0, "step_distill.adv_weight", "must be >= 0")
+        require(self.teacher_guidance >= 1.0, "step_distill.teacher_guidance", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -671,7 +671,8 @@ class _Context:
         eps = torch.randn(x0.shape, generator=gen).to(dev)
         tokens, pooled, t_tokens, t_pooled = self._condition(batch, gen)
         if cfg.stage == "step-distill":
-            return self._step_distill_loss(x0, eps, tokens, pooled, t_tokens, t_pooled, gen, shift)
+            null = self._teacher_null(batch) if cfg.step_distill.teacher_guidance != 1.0 else None
+            return self._step_distill_loss(x0, eps, tokens, pooled, t_tokens, t_pooled, gen, shift, null)
         t = flow.sample_t(b, mean=cfg.flow.logit_mean, std=cfg.flow.logit_std, shift=shift, generator=gen).to(
             dev
         )
@@ -707,6 +708,14 @@ class _Context:
         terms["total"] = float(total.detach())
         return total, terms
 
+    def _teacher_null(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's unconditional text input (every encoder dropped), shaped like the batch's."""
+        assert self.teacher_text is not None
+        frozen = {k[5:]: v for k, v in batch.items() if k.startswith("text.")}
+        drop = torch.ones((batch["latents"].shape[0], self.parts.text.num_encoders), dtype=torch.bool)
+        with torch.no_grad():
+            return self.teacher_text(frozen, drop)
+
     def _step_distill_loss(
         self,
         x0: torch.Tensor,
@@ -717,7 +726,13 @@ class _Context:
         t_pooled: Any,
         gen: torch.Generator,
         shift: float,
+        null: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Trajectory distillation (+ the adversarial term). With ``null`` (the teacher's unconditional
+        text) the targets are the teacher's classifier-free-guided velocities at
+        ``step_distill.teacher_guidance``, on the trajectory and at the data-noised point alike, so the
+        few-step student samples with one network call per step and no CFG, as the paper's 4-step model.
+        """
         cfg, sd = self.cfg, self.cfg.step_distill
         assert self.teacher is not None
         teacher = self.teacher
@@ -737,7 +752,12 @@ class _Context:
                 x_sim = torch.where((k > j).view(-1, 1, 1, 1), x_sim + (times[j + 1] - times[j]) * v, x_sim)
 
         def teacher_velocity(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-            return teacher(x, tt, t_tokens, t_pooled)[0].float()
+            if null is None:
+                return teacher(x, tt, t_tokens, t_pooled)[0].float()
+            pooled_pair = None if t_pooled is None else torch.cat([t_pooled, null[1]])
+            both = teacher(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([t_tokens, null[0]]), pooled_pair)
+            cond, uncond = both[0].float().chunk(2)
+            return uncond + sd.teacher_guidance * (cond - uncond)
 
         # Target: the teacher's multi-step Euler path over the student's interval, as a velocity.
         sub = max(1, sd.teacher_steps // sd.student_steps)
@@ -747,7 +767,12 @@ class _Context:
         # One student call on both inputs: the data-noised one (task loss) and the simulated one.
         both = self.unet(torch.cat([x_data, x_sim]), torch.cat([t, t]) * 1000, _twice(tokens), _twice(pooled))
         v_data, v_s = both.float().chunk(2)
-        l_task = losses.per_sample_mse(v_data, flow.velocity_target(x0, eps))
+        if null is None:
+            data_target = flow.velocity_target(x0, eps)
+        else:  # the guided field at the data-noised point too, not the unguided data velocity
+            with torch.no_grad(), self.acc.autocast():
+                data_target = teacher_velocity(x_data, t)
+        l_task = losses.per_sample_mse(v_data, data_target)
         l_traj = losses.per_sample_mse(v_s, v_target)
         a_t = losses.task_weight(t, cfg.flow.logit_mean, cfg.flow.logit_std).to(dev)
         total = losses.combine(l_task, {"traj": (l_traj, 1.0)}, a_t, cfg.kd.scaling)

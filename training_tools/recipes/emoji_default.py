@@ -117,6 +117,9 @@ class RecipeConfig(ConfigBase):
     flow_shift: float = 3.0
     teacher_steps_for_targets: int = 8  # teacher Euler steps per 4-step trajectory (2 per student step)
     adv_weight: float = 0.1
+    # CFG of the teacher's step-distillation targets: 1 = unguided (the student then needs CFG, two
+    # network calls per step); > 1 bakes guidance into the 4-step student (one call per step).
+    step_distill_guidance: float = 1.0
     # Share of each budgeted stage spent in a learning-rate cooldown at its end (warmup-stable-decay).
     # Measured (docs/training.md): 5 min of cosine decay after the 90-min teacher raised single-object
     # from 27.5 to 33.75 % on the same 80 prompts and seeds; on the KD student (with a fresh optimizer
@@ -149,6 +152,7 @@ class RecipeConfig(ConfigBase):
         require(self.pair_threads >= 1, "pair_threads", "must be >= 1")
         require(self.eval_per_category >= 1, "eval_per_category", "must be >= 1")
         require(self.flow_shift > 0, "flow_shift", "must be positive")
+        require(self.step_distill_guidance >= 1.0, "step_distill_guidance", "must be >= 1")
         require(0.0 <= self.cooldown_fraction <= 0.5, "cooldown_fraction", "must be in [0, 0.5]")
 
     def minutes(self, stage: str) -> float:
@@ -394,6 +398,7 @@ class Recipe:
                 "student_steps": 4,
                 "teacher_steps": self.cfg.teacher_steps_for_targets,
                 "adv_weight": self.cfg.adv_weight,
+                "teacher_guidance": self.cfg.step_distill_guidance,
             },
             optim={"lr": self.cfg.step_distill_lr, "warmup_steps": 20},
             batch_size=self.cfg.step_distill_batch_size,
@@ -893,6 +898,13 @@ def _parser() -> argparse.ArgumentParser:
         default=RecipeConfig.cooldown_fraction,
         help="share of each budgeted stage spent decaying the learning rate to 0 (default %(default)s)",
     )
+    p.add_argument(
+        "--step-distill-guidance",
+        type=float,
+        default=RecipeConfig.step_distill_guidance,
+        help="CFG scale of the teacher's step-distillation targets; > 1 gives a 4-step model that "
+        "needs no CFG (default %(default)s)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of a stage that runs alone")
     p.add_argument(
         "--pair-threads", type=int, default=1, help="threads of each student when the two run side by side"
@@ -965,6 +977,7 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
         batch_size=args.batch_size,
         flow_shift=args.flow_shift,
         cooldown_fraction=args.cooldown_fraction,
+        step_distill_guidance=args.step_distill_guidance,
         threads=args.threads,
         pair_threads=args.pair_threads,
         classifier=args.classifier,
