@@ -241,7 +241,9 @@ def test_guided_step_distillation_learns_the_teachers_cfg_trajectories_without_c
     prompts = ["a red circle", "a blue square", "a green circle", "a yellow square"]
     tokens, pooled = parts.text.encode(prompts)
     null_tokens, null_pooled = parts.text.encode(prompts, drop_all=True)
-    noise = torch.stack([torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(100 + i)) for i in range(4)])
+    noise = torch.stack(
+        [torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(100 + i)) for i in range(4)]
+    )
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cond = teacher(x, t * 1000, tokens, pooled)

@@ -755,7 +755,9 @@ class _Context:
             if null is None:
                 return teacher(x, tt, t_tokens, t_pooled)[0].float()
             pooled_pair = None if t_pooled is None else torch.cat([t_pooled, null[1]])
-            both = teacher(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([t_tokens, null[0]]), pooled_pair)
+            both = teacher(
+                torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([t_tokens, null[0]]), pooled_pair
+            )
             cond, uncond = both[0].float().chunk(2)
             return uncond + sd.teacher_guidance * (cond - uncond)
 
