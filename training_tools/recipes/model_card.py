@@ -245,8 +245,14 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         f"v = eps - x0), logit-normal t, timestep shift {d.shift:g}, bf16 autocast, CFG dropout 10 % (dropped prompt =",
         f'embedding of ""), batch {cfg.batch_size}, AdamW, EMA {cfg.ema_decay}. Distillation: output + feature KD with',
         "the paper's timestep-aware scaling; step distillation: 4 Euler steps, targets = the teacher's",
-        f"{cfg.teacher_steps_for_targets}-step Euler path over each interval, + hinge GAN loss (weight {cfg.adv_weight})",
-        "with heads on the frozen teacher's features.",
+        f"{cfg.teacher_steps_for_targets}-step Euler path over each interval"
+        + (
+            f" under CFG {cfg.step_distill_guidance:g} (guidance baked in: the 4-step student needs no CFG,"
+            " one network call per step, as the paper's)"
+            if cfg.step_distill_guidance > 1
+            else " (unguided teacher)"
+        )
+        + f", + hinge GAN loss (weight {cfg.adv_weight}) with heads on the frozen teacher's features.",
         f"Schedule: the autoencoder, the teacher and step distillation each run alone ({cfg.threads} torch threads);",
         "the distilled student and the no-distillation student (the paper's ablation) run side by side,",
         f"{cfg.pair_threads} thread(s) each, for the same wall time, so both see the same machine.",
