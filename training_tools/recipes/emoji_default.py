@@ -1,6 +1,6 @@
 """The built-in default model ``snapgen-emoji``, trained end to end with our own training tools.
 
-``python -m training_tools.recipes.emoji_default [--budget-minutes 150] [--out runs/emoji-default]
+``python -m training_tools.recipes.emoji_default [--budget-minutes 162] [--out runs/emoji-default]
 [--background] [--ship]``
 
 Stages (each skipped when its output exists, each resumable from its last checkpoint):
@@ -60,16 +60,16 @@ STAGES: tuple[str, ...] = (
     "ship",
 )
 # Shares of the wall-time budget of the stages that have one (the rest is caching, classifier, export,
-# eval). With the default 150 min: autoencoder 12, teacher 80, distill 45 (the ablation beside it),
-# step distillation 12: the emoji-v5 run that made the shipped model (docs/training.md). Object
-# identity is learned late (a pilot student needed 333k samples for 80 % single-object), so the model
-# trained from noise, the teacher, gets most of the time; the KD student reached the teacher's
-# single-object score in its 45 minutes.
+# eval). With the default 162 min: autoencoder 10, teacher 66, distill 66 (the ablation beside it),
+# step distillation 20: the emoji-v7g20 run that made the shipped model (docs/training.md). Object
+# identity is learned late (a pilot student needed 333k samples for 80 % single-object): 66 min gave
+# the teacher 378k samples (78.75 % single-object at 28 steps), and the KD student, on one thread
+# beside the ablation, 185k (60 %); guided step distillation was still improving at 10 min.
 DEFAULT_SHARES: dict[str, float] = {
-    "autoencoder": 12 / 150,
-    "teacher": 80 / 150,
-    "distill": 45 / 150,
-    "step_distill": 12 / 150,
+    "autoencoder": 10 / 162,
+    "teacher": 66 / 162,
+    "distill": 66 / 162,
+    "step_distill": 20 / 162,
 }
 # The teacher is the 8.9 M design, the student the same design at narrower stages: the 33 M
 # tiny-emoji-teacher learns no faster per sample and runs 2.3x slower per sample on this CPU.
@@ -89,7 +89,7 @@ class RecipeConfig(ConfigBase):
     """Everything the recipe needs; saved as ``OUT/recipe.json``."""
 
     out: str = "runs/emoji-default"
-    budget_minutes: float = 150.0  # + dataset, caches, classifier, export, eval: about 3 h in all
+    budget_minutes: float = 162.0  # + dataset, caches, classifier, export, eval: about 3 h 10 min in all
     stage_minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of the shares
     seed: int = 0
     teacher_preset: str = TEACHER_PRESET
@@ -118,8 +118,11 @@ class RecipeConfig(ConfigBase):
     teacher_steps_for_targets: int = 8  # teacher Euler steps per 4-step trajectory (2 per student step)
     adv_weight: float = 0.1
     # CFG of the teacher's step-distillation targets: 1 = unguided (the student then needs CFG, two
-    # network calls per step); > 1 bakes guidance into the 4-step student (one call per step).
-    step_distill_guidance: float = 1.0
+    # network calls per step); > 1 bakes guidance into the 4-step student (one call per step, as the
+    # paper's). Measured on emoji-v7 (docs/training.md), int8 at 4 steps: targets at CFG 4, no CFG at
+    # inference: 33.75 % overall / 48.75 % single-object after 10 min, 34.0 / 53.75 after 20; unguided
+    # targets (10 min), with CFG (twice the UNet calls): 33.75 / 53.75, without: 29.0 / 36.25.
+    step_distill_guidance: float = 4.0
     # Share of each budgeted stage spent in a learning-rate cooldown at its end (warmup-stable-decay).
     # Measured (docs/training.md): 5 min of cosine decay after the 90-min teacher raised single-object
     # from 27.5 to 33.75 % on the same 80 prompts and seeds; on the KD student (with a fresh optimizer
@@ -878,7 +881,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/emoji-default", help="run folder (resumed when it exists)")
     p.add_argument(
-        "--budget-minutes", type=float, default=150.0, help="wall-time budget of the training stages"
+        "--budget-minutes",
+        type=float,
+        default=RecipeConfig.budget_minutes,
+        help="wall-time budget of the training stages (default %(default)s)",
     )
     p.add_argument(
         "--stage-minutes", nargs="*", default=[], metavar="STAGE=MIN", help="override a stage's share"
