@@ -14,6 +14,7 @@ from snapgen_app.errors import Cancelled
 from snapgen_app.model.text_encoders import TextConditioner
 from snapgen_app.model.unet import SnapGenUNet
 from training_tools import checkpoint, flow
+from training_tools.config import TrainConfig
 from training_tools.models import build_student_parts
 from training_tools.text import TextStep
 
@@ -158,27 +159,28 @@ def test_timestep_aware_distillation_runs_with_every_teacher_kind(
         assert {"task", "kd_out", "kd_feat", "total"} <= set(terms)
 
 
+def _step_distill_config(
+    tmp_path: Path, shapes: tuple[Path, Path], teacher_dir: Path, steps: int, **extra: object
+) -> TrainConfig:
+    """A step-distillation run whose student starts as the tiny teacher itself."""
+    data, cache = shapes
+    fields = {
+        "teacher.path": str(teacher_dir),
+        "model.unet_path": str(teacher_dir),
+        "model.train_text": False,
+        "kd.scaling": "kd_only",
+        "optim.lr": 1e-4,
+        "optim.ema": False,
+    }
+    return base_config(tmp_path, data, cache, stage="step-distill", max_steps=steps, **fields, **extra)
+
+
 def test_step_distillation_brings_4_steps_closer_to_the_teacher_28(
     tmp_path: Path, shapes: tuple[Path, Path], teachers: dict[str, Path]
 ) -> None:
-    data, cache = shapes
     teacher_dir = teachers["snapgen"]
-    cfg = base_config(
-        tmp_path,
-        data,
-        cache,
-        stage="step-distill",
-        max_steps=50,
-        **{
-            "teacher.path": str(teacher_dir),
-            "model.unet_path": str(teacher_dir),
-            "model.train_text": False,
-            "kd.scaling": "kd_only",
-            "optim.lr": 1e-4,
-            "optim.ema": False,
-            "step_distill.adv_weight": 0.05,
-            "step_distill.disc_lr": 1e-3,
-        },
+    cfg = _step_distill_config(
+        tmp_path, shapes, teacher_dir, 50, **{"step_distill.adv_weight": 0.05, "step_distill.disc_lr": 1e-3}
     )
     torch.manual_seed(cfg.seed)
     parts = build_student_parts(cfg)
@@ -216,24 +218,13 @@ def test_guided_step_distillation_learns_the_teachers_cfg_trajectories_without_c
 ) -> None:
     """With ``teacher_guidance`` w the student's plain 4-step samples (one call per step) move
     towards the teacher's 28-step samples under CFG w, and away from the unguided ones."""
-    data, cache = shapes
     teacher_dir, w = teachers["snapgen"], 3.0
-    cfg = base_config(
+    cfg = _step_distill_config(
         tmp_path,
-        data,
-        cache,
-        stage="step-distill",
-        max_steps=40,
-        **{
-            "teacher.path": str(teacher_dir),
-            "model.unet_path": str(teacher_dir),
-            "model.train_text": False,
-            "kd.scaling": "kd_only",
-            "optim.lr": 1e-4,
-            "optim.ema": False,
-            "step_distill.adv_weight": 0.0,
-            "step_distill.teacher_guidance": w,
-        },
+        shapes,
+        teacher_dir,
+        40,
+        **{"step_distill.adv_weight": 0.0, "step_distill.teacher_guidance": w},
     )
     torch.manual_seed(cfg.seed)
     parts = build_student_parts(cfg)
