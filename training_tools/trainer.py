@@ -671,7 +671,7 @@ class _Context:
         eps = torch.randn(x0.shape, generator=gen).to(dev)
         tokens, pooled, t_tokens, t_pooled = self._condition(batch, gen)
         if cfg.stage == "step-distill":
-            null = self._teacher_null(batch) if cfg.step_distill.teacher_guidance != 1.0 else None
+            null = self._teacher_null(batch) if cfg.step_distill.teacher_guidance > 1.0 else None
             return self._step_distill_loss(x0, eps, tokens, pooled, t_tokens, t_pooled, gen, shift, null)
         t = flow.sample_t(b, mean=cfg.flow.logit_mean, std=cfg.flow.logit_std, shift=shift, generator=gen).to(
             dev

@@ -152,7 +152,8 @@ def shrink_text_encoder(recipe: Recipe, root: Path, manifest: Any) -> Any:
 
 def choose_guidance(recipe: Recipe, manifest: Any) -> Any:
     """Default guidance of the shipped model: CFG when EmojiEval scored the int8 bundle better with it
-    at 4 steps (the step-distilled student was distilled from the teacher's unguided trajectories)."""
+    at 4 steps (a student step-distilled on the unguided teacher's trajectories needs it; one
+    distilled on guided trajectories does not), else the exported default (no CFG)."""
     from training_tools.recipes.model_card import shipped_key
 
     results = recipe.summary().get("eval", {})
