@@ -241,3 +241,22 @@ def test_a_stage_clock_starts_with_this_process_training_loop(tmp_path: Path) ->
     with events.open("a") as f:
         f.write('{"kind": "log", "step": 178, "message": "resumed from step-00000178"}\n')
     assert _training_started(events, offset)
+
+
+def test_ship_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    """Shipping replaces its target whole: the model store's ``builtin/`` given instead of
+    ``builtin/snapgen-emoji`` is refused, and nothing in it is touched."""
+    from snapgen_app.errors import TrainingError
+    from training_tools.recipes import ship
+
+    run = tmp_path / "run"
+    (run / "bundle").mkdir(parents=True)
+    (run / "bundle" / "bundle.json").write_text("{}")
+    store = tmp_path / "builtin"
+    (store / "snapgen-emoji").mkdir(parents=True)
+    (store / "README.md").write_text("the store")
+    with pytest.raises(TrainingError, match="not a model folder"):
+        ship.ship(Recipe(RecipeConfig(out=str(run))), store)
+    assert (store / "README.md").read_text() == "the store"
+    assert (store / "snapgen-emoji").is_dir()
+    assert not (tmp_path / "builtin.tmp").exists()

@@ -188,10 +188,11 @@ def _quality_limits(results: dict[str, Any]) -> list[str]:
 
 def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[str, Any]) -> str:
     """The card's markdown text."""
-    from training_tools.recipes.emoji_default import RecipeConfig
+    from training_tools.recipes.emoji_default import DEFAULT_SHARES, RecipeConfig
 
     cfg = recipe.cfg
     default_budget = RecipeConfig().budget_minutes
+    budgets = {stage: round(cfg.minutes(stage), 1) for stage in DEFAULT_SHARES}
     summary = recipe.summary()
     results = summary.get("eval", {})
     ae = summary.get("autoencoder", {})
@@ -240,8 +241,9 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         ),
         "",
         "## Recipe (`python -m training_tools.recipes.emoji_default`)",
-        f"Budget of this run: {cfg.budget_minutes:.0f} min of training wall time "
-        f"(the recipe's default is {default_budget:.0f} min). Flow matching (x_t = (1-t) x0 + t eps,",
+        f"Budget of this run: {sum(budgets.values()):.0f} min of training wall time ("
+        + ", ".join(f"{stage} {minutes:g}" for stage, minutes in budgets.items())
+        + f"; the recipe's default is {default_budget:.0f} min). Flow matching (x_t = (1-t) x0 + t eps,",
         f"v = eps - x0), logit-normal t, timestep shift {d.shift:g}, bf16 autocast, CFG dropout 10 % (dropped prompt =",
         f'embedding of ""), batch {cfg.batch_size}, AdamW, EMA {cfg.ema_decay}. Distillation: output + feature KD with',
         "the paper's timestep-aware scaling; step distillation: 4 Euler steps, targets = the teacher's",
@@ -296,10 +298,10 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         *_quality_limits(results),
         *(
             [
-                f"- Trained on a reduced budget ({cfg.budget_minutes:.0f} of the recipe's default "
+                f"- Trained on a reduced budget ({sum(budgets.values()):.0f} of the recipe's default "
                 f"{default_budget:.0f} training minutes; see the stage table): under-trained.",
             ]
-            if cfg.budget_minutes < default_budget
+            if sum(budgets.values()) < default_budget - 0.5
             else []
         ),
         "",

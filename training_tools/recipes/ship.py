@@ -211,6 +211,16 @@ def record_defaults(checkpoint: Path, defaults: Any) -> None:
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def _check_replaceable(target: Path) -> None:
+    """The ship replaces ``target`` whole: refuse a folder that holds something other than a model
+    (e.g. the model store's ``builtin/`` itself given instead of ``builtin/snapgen-emoji``)."""
+    if target.is_dir() and any(target.iterdir()) and not (target / "bundle.json").is_file():
+        raise TrainingError(
+            f"{target} is not a model folder (no bundle.json), and shipping would replace all of it",
+            hint="give the model's own folder, e.g. model_store/builtin/snapgen-emoji",
+        )
+
+
 def ship(recipe: Recipe, target: Path) -> Path:
     """Write the built-in model folder ``target`` from the recipe's bundle and checkpoint."""
     from model_store.bundle import read_manifest, write_manifest
@@ -219,6 +229,7 @@ def ship(recipe: Recipe, target: Path) -> Path:
     bundle = recipe.out / "bundle"
     if not (bundle / "bundle.json").is_file():
         raise TrainingError(f"no bundle at {bundle}", hint="run the export stage first")
+    _check_replaceable(target)
     tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
