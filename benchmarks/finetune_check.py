@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -76,9 +77,7 @@ def images_of(bundle: Path, prompts: tuple[str, ...], seeds: tuple[int, ...]) ->
 
     manifest = read_manifest(bundle)
     generate = bundle_generator(bundle, "int8", manifest.defaults.steps, manifest.defaults.guidance_scale)
-    return np.stack(
-        [np.stack(generate([p] * len(seeds), list(seeds))).astype(np.float32) for p in prompts]
-    )
+    return np.stack([np.stack(generate([p] * len(seeds), list(seeds))).astype(np.float32) for p in prompts])
 
 
 def emoji_eval(bundle: Path, classifier: Path, per_category: int) -> dict:
@@ -98,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="snapgen-finetune-check-"))
     os.environ["SNAPGEN_HOME"] = str(work / "home")  # the run folder; built-in models stay visible
     sys.path.insert(0, str(ROOT))
+    report = check(args, work)  # on a failure the folder stays, with the run's log
+    shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def check(args: argparse.Namespace, work: Path) -> dict:
+    """Fine-tune, export and compare; the report."""
     from model_store.registry import Registry
     from snapgen_app import finetune
 
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     state = handle.wait(3600)
     train_s = time.monotonic() - started
     print(f"fine-tune: {state} in {train_s:.0f} s", flush=True)
+    if state != "finished":
+        raise SystemExit(f"the fine-tune ended {state}; its log: {handle.run_dir}")
     started = time.monotonic()
     finetune.export_run(handle.run_dir)
     export_s = time.monotonic() - started
@@ -142,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, bundle in (("base", base), ("fine_tuned", tuned)):
         report[label]["emoji_eval"] = emoji_eval(bundle, classifier, args.per_category)
         print(f"{label}: {report[label]}", flush=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
