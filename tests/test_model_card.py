@@ -52,3 +52,15 @@ def test_verdicts_follow_the_numbers() -> None:
     assert "34.0 / 40.0 = 85 % -> **NOT met**" in lines
     assert "at 4 steps >= 85 %: 75.0 % -> **NOT met**" in lines
     assert "| **as shipped**: int8, text encoder with int8 word embeddings" in model_card.eval_table(results)
+
+
+def test_stage_budgets_include_a_runs_stage_overrides() -> None:
+    """The card states each stage's minutes: a run with ``--stage-minutes step_distill=20`` trained
+    for 162 min, not the 217 its ``budget_minutes`` says (the card once printed that)."""
+    from training_tools.recipes.emoji_default import RecipeConfig
+
+    default = model_card.stage_budgets(RecipeConfig())
+    assert default == {"autoencoder": 10.0, "teacher": 66.0, "distill": 66.0, "step_distill": 75.0}
+    assert sum(default.values()) == RecipeConfig().budget_minutes
+    shorter = model_card.stage_budgets(RecipeConfig(stage_minutes={"step_distill": 20.0}))
+    assert shorter["step_distill"] == 20.0 and sum(shorter.values()) == 162.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from training_tools.recipes.emoji_default import Recipe
+    from training_tools.recipes.emoji_default import Recipe, RecipeConfig
 
 SHIPPED_EVAL = "shipped_int8"  # the eval entry of the folder as shipped (written by ship.eval_as_shipped)
 EVAL_ROWS: tuple[tuple[str, str], ...] = (
@@ -186,13 +186,22 @@ def _quality_limits(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def stage_budgets(cfg: RecipeConfig) -> dict[str, float]:
+    """Minutes of each time-budgeted stage of a run, ``--stage-minutes`` overrides included (a run's
+    ``budget_minutes`` alone misstates them once a stage is overridden)."""
+    from training_tools.recipes.emoji_default import DEFAULT_SHARES
+
+    return {stage: round(cfg.minutes(stage), 1) for stage in DEFAULT_SHARES}
+
+
 def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[str, Any]) -> str:
     """The card's markdown text."""
-    from training_tools.recipes.emoji_default import DEFAULT_SHARES, RecipeConfig
+    from training_tools.recipes.emoji_default import RecipeConfig
 
     cfg = recipe.cfg
     default_budget = RecipeConfig().budget_minutes
-    budgets = {stage: round(cfg.minutes(stage), 1) for stage in DEFAULT_SHARES}
+    budgets = stage_budgets(cfg)
+    budget = sum(budgets.values())
     summary = recipe.summary()
     results = summary.get("eval", {})
     ae = summary.get("autoencoder", {})
@@ -241,7 +250,7 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         ),
         "",
         "## Recipe (`python -m training_tools.recipes.emoji_default`)",
-        f"Budget of this run: {sum(budgets.values()):.0f} min of training wall time ("
+        f"Budget of this run: {budget:.0f} min of training wall time ("
         + ", ".join(f"{stage} {minutes:g}" for stage, minutes in budgets.items())
         + f"; the recipe's default is {default_budget:.0f} min). Flow matching (x_t = (1-t) x0 + t eps,",
         f"v = eps - x0), logit-normal t, timestep shift {d.shift:g}, bf16 autocast, CFG dropout 10 % (dropped prompt =",
@@ -298,10 +307,10 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         *_quality_limits(results),
         *(
             [
-                f"- Trained on a reduced budget ({sum(budgets.values()):.0f} of the recipe's default "
+                f"- Trained on a reduced budget ({budget:.0f} of the recipe's default "
                 f"{default_budget:.0f} training minutes; see the stage table): under-trained.",
             ]
-            if sum(budgets.values()) < default_budget - 0.5
+            if budget < default_budget
             else []
         ),
         "",
