@@ -51,7 +51,7 @@ def test_verdicts_follow_the_numbers() -> None:
     lines = "\n".join(model_card.targets(results))
     assert "34.0 / 40.0 = 85 % -> **NOT met**" in lines
     assert "at 4 steps >= 85 %: 75.0 % -> **NOT met**" in lines
-    assert "| **as shipped**: int8, text encoder with int8 word embeddings" in model_card.eval_table(results)
+    assert "| **as shipped**: int8, text encoder with int8 word embeddings (training vocabulary exact)" in model_card.eval_table(results)
 
 
 def test_stage_budgets_include_a_runs_stage_overrides() -> None:
