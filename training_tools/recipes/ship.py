@@ -315,9 +315,11 @@ def training_vocabulary(dataset: Path, tokenizer: Path) -> list[int]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer))
-    captions = [json.loads(line)["text"] for line in (dataset / "metadata.jsonl").read_text().splitlines() if line]
+    captions = [
+        json.loads(line)["text"] for line in (dataset / "metadata.jsonl").read_text().splitlines() if line
+    ]
     ids: set[int] = set()
-    for encoding in tok.encode_batch(captions + [""]):
+    for encoding in tok.encode_batch([*captions, ""]):
         ids.update(encoding.ids)
     return sorted(ids)
 
@@ -380,7 +382,11 @@ def quantize_word_embeddings(
                 "Gather", [name + "_slot", ids], [result + "_slot"], name=node.name + "_slot", axis=0
             ),
             helper.make_node(
-                "Gather", [name + "_exact", result + "_slot"], [result + "_x"], name=node.name + "_exact", axis=0
+                "Gather",
+                [name + "_exact", result + "_slot"],
+                [result + "_x"],
+                name=node.name + "_exact",
+                axis=0,
             ),
             helper.make_node("Add", [result + "_m", result + "_x"], [result], name=node.name + "_add"),
         ]
