@@ -580,6 +580,25 @@ class Trainer:
         return str(module.export_bundle(run_dir))
 
 
+def simulate_chains(
+    model: Any, x: torch.Tensor, times: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, pooled: Any
+) -> torch.Tensor:
+    """Each sample's own ``k[i]`` Euler steps of ``model`` (velocity ``model(x, 1000 t, tokens,
+    pooled)``) from ``times[0]`` along ``times``. At step j only the samples with ``k > j`` run: with k
+    uniform over the student's steps that is half the forward passes of running the whole batch to
+    ``max(k)`` and masking the rest."""
+    for j in range(int(k.max())):
+        moving = (k > j).nonzero().squeeze(1)
+        v = model(
+            x[moving],
+            times[j].expand(moving.numel()) * 1000,
+            tokens[moving],
+            None if pooled is None else pooled[moving],
+        ).float()
+        x = x.index_add(0, moving, (times[j + 1] - times[j]) * v)
+    return x
+
+
 def _release_accelerate_state(accelerator: Any) -> None:
     """Forget Accelerate's process-wide singleton state after a single-process run, so another run
     in the same Python process (tests, a notebook) may pick other settings."""
@@ -744,12 +763,8 @@ class _Context:
         # Backward simulation: x at t_k as the student's own k-step chain from fresh noise reaches it,
         # so the distillation target sits on the trajectories the few-step sampler really visits.
         x_sim = torch.randn(x0.shape, generator=gen).to(dev)
-        plain = self.acc.unwrap_model(self.unet)
         with torch.no_grad(), self.acc.autocast():
-            for j in range(int(k.max())):
-                tj = times[j].expand(b)
-                v = plain(x_sim, tj * 1000, tokens, pooled).float()
-                x_sim = torch.where((k > j).view(-1, 1, 1, 1), x_sim + (times[j + 1] - times[j]) * v, x_sim)
+            x_sim = simulate_chains(self.acc.unwrap_model(self.unet), x_sim, times, k, tokens, pooled)
 
         def teacher_velocity(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
             if null is None:
