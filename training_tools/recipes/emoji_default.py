@@ -703,9 +703,16 @@ class Recipe:
         return plan
 
     def stage_eval(self, only: Sequence[str] = ()) -> dict[str, Any]:
+        results = self.evaluate(self.out / "eval", self.cfg.eval_per_category, only)
+        self.update_summary("eval", results)
+        return results
+
+    def evaluate(self, results_dir: Path, per_category: int, only: Sequence[str] = ()) -> dict[str, Any]:
+        """EmojiEval of :meth:`eval_plan`'s rows (those in ``only`` when given) with ``per_category``
+        prompts per category, into ``results_dir/NAME.json`` (+ images); a row already there is read,
+        not rerun. The summary is not touched (``stage_eval`` records its rows there)."""
         from training_tools.recipes import emoji_eval
 
-        results_dir = self.out / "eval"
         results_dir.mkdir(exist_ok=True)
         classifier = self.classifier_dir()
         results: dict[str, Any] = {}
@@ -731,14 +738,13 @@ class Recipe:
                 generate = emoji_eval.bundle_generator(
                     self.out / "bundle", how["bundle"], how["steps"], how["guidance"]
                 )
-            report = emoji_eval.run_eval(generate, classifier, self.cfg.eval_per_category, results_dir / name)
+            report = emoji_eval.run_eval(generate, classifier, per_category, results_dir / name)
             result = {**report, **how, "seconds": round(time.monotonic() - started, 1)}
             path.write_text(json.dumps(result, indent=2) + "\n")
             results[name] = result
             self.log(
                 f"eval {name}: overall {100 * report['overall']:.1f} % {json.dumps(report['per_category'])}"
             )
-        self.update_summary("eval", results)
         return results
 
     def stage_ship(self) -> None:
