@@ -51,7 +51,10 @@ def test_verdicts_follow_the_numbers() -> None:
     lines = "\n".join(model_card.targets(results))
     assert "34.0 / 40.0 = 85 % -> **NOT met**" in lines
     assert "at 4 steps >= 85 %: 75.0 % -> **NOT met**" in lines
-    assert "| **as shipped**: int8, text encoder with int8 word embeddings (training vocabulary exact)" in model_card.eval_table(results)
+    assert (
+        "| **as shipped**: int8, text encoder with int8 word embeddings (training vocabulary exact)"
+        in model_card.eval_table(results)
+    )
 
 
 def test_stage_budgets_include_a_runs_stage_overrides() -> None:
@@ -64,3 +67,13 @@ def test_stage_budgets_include_a_runs_stage_overrides() -> None:
     assert sum(default.values()) == RecipeConfig().budget_minutes
     shorter = model_card.stage_budgets(RecipeConfig(stage_minutes={"step_distill": 20.0}))
     assert shorter["step_distill"] == 20.0 and sum(shorter.values()) == 162.0
+
+
+def test_the_schedule_sentence_says_where_the_ablation_ran() -> None:
+    from training_tools.recipes.emoji_default import RecipeConfig
+
+    assert "not part of this run (`--ablation` adds it" in model_card.schedule(RecipeConfig())
+    after = model_card.schedule(RecipeConfig(ablation=True))
+    assert "runs after the distilled one, for the same wall time and threads" in after
+    beside = model_card.schedule(RecipeConfig(ablation=True, parallel=True))
+    assert "run side by side, 1 thread(s) each" in beside

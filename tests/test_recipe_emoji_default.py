@@ -186,6 +186,28 @@ def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     assert other.autoencoder_preset == "emoji-c8"
 
 
+def test_the_ablation_is_opt_in_and_runs_after_the_distilled_student_by_default(tmp_path: Path) -> None:
+    """The default run trains what ships (the distilled student on both cores); ``--ablation`` adds the
+    no-KD student after it, ``--parallel`` puts it beside it (one core each, as emoji-v7/v8 ran)."""
+    from training_tools.recipes.emoji_default import config_from_args
+
+    plain = config_from_args(["--out", str(tmp_path / "a")])
+    assert (plain.ablation, plain.parallel) == (False, False)
+    assert "student_no_kd_28" not in dict(Recipe(plain).eval_plan())
+    after = config_from_args(["--out", str(tmp_path / "b"), "--ablation"])
+    assert (after.ablation, after.parallel) == (True, False)
+    assert "student_no_kd_28" in dict(Recipe(after).eval_plan())
+    beside = config_from_args(["--out", str(tmp_path / "c"), "--ablation", "--parallel"])
+    assert (beside.ablation, beside.parallel) == (True, True)
+    # A run folder saved with the ablation beside (emoji-v8) resumes as it was; --no-ablation turns it off.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "recipe.json").write_text(
+        json.dumps(RecipeConfig(ablation=True, parallel=True).to_dict())
+    )
+    assert config_from_args(["--out", str(tmp_path / "d")]).parallel
+    assert not config_from_args(["--out", str(tmp_path / "d"), "--no-ablation"]).ablation
+
+
 def test_a_python_without_torch_is_refused_before_anything_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
