@@ -99,21 +99,22 @@ def _caveats(results: dict[str, Any]) -> list[str]:
 
 def schedule(cfg: Any) -> str:
     """How the run shared the machine between its stages (the card's "Schedule" sentence)."""
-    alone = f"the autoencoder, the teacher, the distilled student and step distillation each run alone ({cfg.threads} torch threads)"
+    beside = cfg.ablation and cfg.parallel
+    stages = "the autoencoder, the teacher" + ("" if beside else ", the distilled student")
+    alone = f"{stages} and step distillation each run alone ({cfg.threads} torch threads); "
     if not cfg.ablation:
-        return (
-            alone + "; the no-distillation student (the paper's ablation) is not part of this run "
+        return alone + (
+            "the no-distillation student (the paper's ablation) is not part of this run "
             "(`--ablation` adds it, for the distilled student's minutes)."
         )
-    if cfg.parallel:
-        return (
-            f"the autoencoder, the teacher and step distillation each run alone ({cfg.threads} torch threads); "
+    if beside:
+        return alone + (
             "the distilled student and the no-distillation student (the paper's ablation) run side by side, "
             f"{cfg.pair_threads} thread(s) each, for the same wall time, so both see the same machine."
         )
-    return (
-        alone
-        + "; the no-distillation student (the paper's ablation) runs after the distilled one, for the same wall time and threads."
+    return alone + (
+        "the no-distillation student (the paper's ablation) runs after the distilled one, "
+        "for the same wall time and threads."
     )
 
 
