@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +26,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def folder_row(recipe: Any, name: str, folder: Path, results_dir: Path, per_category: int) -> dict[str, Any]:
-    from model_store.bundle import read_manifest
-    from training_tools.recipes import emoji_eval
+    from training_tools.recipes.ship import eval_folder
 
     path = results_dir / f"{name}.json"
     if path.is_file():
         return dict(json.loads(path.read_text()))
-    manifest = read_manifest(folder)
-    d = manifest.defaults
-    started = time.monotonic()
-    generate = emoji_eval.bundle_generator(folder, "int8", d.steps, d.guidance_scale, manifest)
-    report = emoji_eval.run_eval(generate, recipe.classifier_dir(), per_category, results_dir / name)
-    result = {
-        **report,
-        "folder": str(folder),
-        "steps": d.steps,
-        "guidance": d.guidance_scale,
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    result = eval_folder(folder, recipe.classifier_dir(), per_category, results_dir / name)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -81,3 +81,25 @@ def test_eval_without_a_classifier_is_a_usage_error(
     bundle = build_bundle(tmp_path / "bundle")
     assert main(["eval", str(bundle)]) == 2
     assert "no EmojiEval classifier" in capsys.readouterr().err
+
+
+def test_eval_folder_scores_a_bundle_folder_at_its_own_defaults(classifier_dir: Path, tmp_path: Path) -> None:
+    """What `ship` reports as the shipped row and `benchmarks/emoji_eval_table.py --folder` as a
+    folder's row: the int8 variant at the folder's steps and guidance, or at those of the manifest a
+    ship has not written yet."""
+    import dataclasses
+
+    from model_store.bundle import read_manifest
+    from training_tools.recipes.ship import eval_folder
+
+    bundle = build_bundle(tmp_path / "bundle", precisions=("int8",), guidance_scale=2.0)
+    result = eval_folder(bundle, classifier_dir, 1, tmp_path / "images")
+    assert (result["steps"], result["guidance"], result["folder"]) == (4, 2.0, str(bundle))
+    assert result["num_images"] == 5 and result["seconds"] > 0
+    assert len(list((tmp_path / "images").glob("*.png"))) == 5
+    manifest = read_manifest(bundle)
+    unsaved = dataclasses.replace(
+        manifest, defaults=dataclasses.replace(manifest.defaults, steps=2, guidance_scale=1.0)
+    )
+    result = eval_folder(bundle, classifier_dir, 1, tmp_path / "images-unsaved", unsaved)
+    assert (result["steps"], result["guidance"]) == (2, 1.0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from training_tools.recipes import model_card
 
 
@@ -77,3 +80,30 @@ def test_the_schedule_sentence_says_where_the_ablation_ran() -> None:
     assert "runs after the distilled one, for the same wall time and threads" in after
     beside = model_card.schedule(RecipeConfig(ablation=True, parallel=True))
     assert "run side by side, 1 thread(s) each" in beside
+
+
+def test_the_targets_are_judged_on_the_largest_eval_set_that_has_the_teacher_and_the_shipped_model(
+    tmp_path: Path,
+) -> None:
+    """`benchmarks/emoji_eval_table.py` writes RUN/eval-N/ROW.json; the card shows those rows in a
+    second table and judges the issue's targets on them once the teacher's and the shipped rows are
+    there (80 prompts per category move a category 1.25 points per prompt)."""
+    assert model_card.larger_eval(tmp_path, 80) == (80, {})
+    for n, rows in {
+        200: {"teacher_28": _result(0.40, 0.7)},
+        120: {"x": _result(0.1, 0.1)},
+        50: {"y": _result(0.2, 0.2)},
+    }.items():
+        (tmp_path / f"eval-{n}").mkdir()
+        for name, row in rows.items():
+            (tmp_path / f"eval-{n}" / f"{name}.json").write_text(json.dumps(row))
+    (tmp_path / "eval-300").mkdir()  # an empty folder (a run still going) is no set
+    n, more = model_card.larger_eval(tmp_path, 80)
+    assert n == 200 and set(more) == {"teacher_28"}
+    recipe_rows = {"teacher_28": _result(0.43, 0.79), "shipped_int8": _result(0.37, 0.61)}
+    assert model_card.judged(recipe_rows, more) is recipe_rows  # no shipped row at 200 yet
+    more["shipped_int8"] = _result(0.383, 0.64)
+    assert model_card.judged(recipe_rows, more) is more
+    assert "38.3 / 40.0 = 96 % -> **met**" in "\n".join(model_card.targets(more))
+    table = model_card.eval_table(more, skip_missing=True)
+    assert "not run" not in table and table.count("\n") == 4  # header, rule, two rows

@@ -182,6 +182,29 @@ def choose_guidance(recipe: Recipe, manifest: Any) -> Any:
     return manifest
 
 
+def eval_folder(
+    root: Path, classifier_dir: Path, per_category: int, images: Path, manifest: Any = None
+) -> dict[str, Any]:
+    """EmojiEval of a bundle folder's int8 variant at its defaults (steps, guidance): what a user of
+    that folder gets. ``manifest`` (default: the folder's bundle.json) gives the defaults while a ship
+    has not written them yet. Returns the report plus the settings and the seconds it took."""
+    from model_store.bundle import read_manifest
+    from training_tools.recipes import emoji_eval
+
+    manifest = manifest or read_manifest(root)
+    d = manifest.defaults
+    started = time.monotonic()
+    generate = emoji_eval.bundle_generator(root, "int8", d.steps, d.guidance_scale, manifest)
+    report = emoji_eval.run_eval(generate, classifier_dir, per_category, images)
+    return {
+        **report,
+        "folder": str(root),
+        "steps": d.steps,
+        "guidance": d.guidance_scale,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
 def eval_as_shipped(recipe: Recipe, root: Path, manifest: Any) -> None:
     """EmojiEval of the int8 variant exactly as shipped, at the shipped defaults (steps, guidance).
 
@@ -190,27 +213,17 @@ def eval_as_shipped(recipe: Recipe, root: Path, manifest: Any) -> None:
     this row as what a user gets (session 10 measured a shipped bundle 6 points of single-object below
     its card's int8 row; session 11 found such gaps are the 4-step model's sensitivity to any small
     change of its conditioning, fp16 embeddings moved it further: docs/training.md, emoji-v6)."""
-    from training_tools.recipes import emoji_eval
     from training_tools.recipes.model_card import SHIPPED_EVAL
 
     if "int8" not in manifest.variants:
         return
-    d = manifest.defaults
-    started = time.monotonic()
-    generate = emoji_eval.bundle_generator(root, "int8", d.steps, d.guidance_scale, manifest)
     images = recipe.out / "eval" / SHIPPED_EVAL
-    report = emoji_eval.run_eval(generate, recipe.classifier_dir(), recipe.cfg.eval_per_category, images)
-    result = {
-        **report,
-        "bundle": "int8 as shipped",
-        "steps": d.steps,
-        "guidance": d.guidance_scale,
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    result = eval_folder(root, recipe.classifier_dir(), recipe.cfg.eval_per_category, images, manifest)
+    result = {**{k: v for k, v in result.items() if k != "folder"}, "bundle": "int8 as shipped"}
     (recipe.out / "eval" / f"{SHIPPED_EVAL}.json").write_text(json.dumps(result, indent=2) + "\n")
     recipe.update_summary("eval", {**recipe.summary().get("eval", {}), SHIPPED_EVAL: result})
     recipe.log(
-        f"ship: EmojiEval of the shipped int8: overall {100 * report['overall']:.1f} % {report['per_category']}"
+        f"ship: EmojiEval of the shipped int8: overall {100 * result['overall']:.1f} % {result['per_category']}"
     )
 
 
