@@ -62,13 +62,14 @@ STAGES: tuple[str, ...] = (
 )
 # Shares of the wall-time budget of the stages that have one (the rest is caching, classifier, export,
 # eval). With the default 217 min: autoencoder 10, teacher 66, distill 66, step distillation 75: the
-# emoji-v8 run that made the shipped model, with the ablation beside the KD student then
-# (docs/training.md). Object identity is learned late (a pilot student needed 333k samples for 80 %
-# single-object): 66 min gave the teacher 378k samples (78.75 % single-object at 28 steps), the KD
-# student on one thread beside the ablation 185k (62.0 % at 200 prompts per category), alone on two
-# threads 277k (emoji-v9: 69.5 %). Guided step distillation for 75 min instead of 20 scored 60.0
-# against 54.5 % single-object as shipped (200 prompts per category); ``--stage-minutes
-# step_distill=20`` is the shorter run (about 3 h 10 min in all instead of about 4 h 5 min).
+# emoji-v9 run that made the shipped model (emoji-v8's dataset, autoencoder and teacher; emoji-v8 ran
+# the ablation beside its KD student) (docs/training.md). Object identity is learned late (a pilot
+# student needed 333k samples for 80 % single-object): 66 min gave the teacher 378k samples (78.75 %
+# single-object at 28 steps), the KD student on one thread beside the ablation 185k (62.0 % at 200
+# prompts per category), alone on two threads 277k (emoji-v9: 69.5 %; shipped at 4 steps in int8:
+# 64.0 %). Guided step distillation for 75 min instead of 20 scored 60.0 against 54.5 % single-object
+# as shipped (200 prompts per category); ``--stage-minutes step_distill=20`` is the shorter run (about
+# 3 h 10 min in all instead of about 4 h 5 min).
 DEFAULT_SHARES: dict[str, float] = {
     "autoencoder": 10 / 217,
     "teacher": 66 / 217,
