@@ -259,6 +259,7 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
     student_size = _millions(preset_parameters(cfg.student_preset))
     sizes = {"teacher": teacher_size, "student": student_size}
     n_more, more = larger_eval(recipe.out, cfg.eval_per_category)
+    verdict_rows = judged(results, more)
     lines = [
         "# snapgen-emoji: the built-in default model",
         "",
@@ -328,14 +329,14 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
                 "`python benchmarks/emoji_eval_table.py RUN --per-category "
                 f"{n_more}`), the rows measured so:",
                 "",
-                eval_table({k: more[k] for k, _ in EVAL_ROWS if k in more}, sizes, skip_missing=True),
+                eval_table(more, sizes, skip_missing=True),
             ]
             if more
             else []
         ),
         "### Targets of issue 6",
-        *([f"Judged on the {n_more}-prompt rows."] if judged(results, more) is more and more else []),
-        *targets(judged(results, more)),
+        *([f"Judged on the {n_more}-prompt rows."] if more and verdict_rows is more else []),
+        *targets(verdict_rows),
         "",
         "## Measured on this machine (2-core CPU)",
     ]
@@ -370,7 +371,7 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         ),
         "## Limits",
         "- Emoji scenes only, 128 px. Prompts outside the emoji world give emoji-like blobs.",
-        *_quality_limits(judged(results, more)),
+        *_quality_limits(verdict_rows),
         *(
             [
                 f"- Trained on a reduced budget ({budget:.0f} of the recipe's default "
