@@ -97,6 +97,8 @@ def test_eval_folder_scores_a_bundle_folder_at_its_own_defaults(classifier_dir: 
     assert (result["steps"], result["guidance"], result["folder"]) == (4, 2.0, str(bundle))
     assert result["num_images"] == 5 and result["seconds"] > 0
     assert len(list((tmp_path / "images").glob("*.png"))) == 5
+    assert set(result["files_sha256"]) == set(read_manifest(bundle).variant_files("int8")) - {"MODEL_CARD.md"}
+    assert result["files_sha256"]["unet.int8.onnx"] == read_manifest(bundle).files["unet.int8.onnx"].sha256
     manifest = read_manifest(bundle)
     unsaved = dataclasses.replace(
         manifest, defaults=dataclasses.replace(manifest.defaults, steps=2, guidance_scale=1.0)

@@ -107,3 +107,16 @@ def test_the_targets_are_judged_on_the_largest_eval_set_that_has_the_teacher_and
     assert "38.3 / 40.0 = 96 % -> **met**" in "\n".join(model_card.targets(more))
     table = model_card.eval_table(more, skip_missing=True)
     assert "not run" not in table and table.count("\n") == 4  # header, rule, two rows
+    # A shipped row at 200 counts only when it scored the files and defaults this ship scored at 80:
+    # one left from an earlier ship (other weights) is stale.
+    this_ship = {
+        **_result(0.37, 0.61),
+        "files_sha256": {"unet.int8.onnx": "a" * 64},
+        "steps": 4,
+        "guidance": 1.0,
+    }
+    (tmp_path / "eval-200" / "shipped_int8.json").write_text(json.dumps({**this_ship, "overall": 0.383}))
+    assert model_card.larger_eval(tmp_path, 80, this_ship)[1]["shipped_int8"]["overall"] == 0.383
+    earlier = {**this_ship, "files_sha256": {"unet.int8.onnx": "b" * 64}}
+    assert "shipped_int8" not in model_card.larger_eval(tmp_path, 80, earlier)[1]
+    assert "shipped_int8" not in model_card.larger_eval(tmp_path, 80, None)[1]

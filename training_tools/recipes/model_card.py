@@ -84,17 +84,30 @@ def headline_key(results: dict[str, Any]) -> str | None:
     return SHIPPED_EVAL if SHIPPED_EVAL in results else shipped_key(results)
 
 
-def larger_eval(out: Path, per_category: int) -> tuple[int, dict[str, Any]]:
+def larger_eval(
+    out: Path, per_category: int, shipped: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
     """EmojiEval rows of a run measured with more prompts than its recipe's eval stage: the largest
     ``N`` of the ``OUT/eval-N/ROW.json`` files that ``benchmarks/emoji_eval_table.py`` writes, and its
-    rows; ``(per_category, {})`` when there are none."""
-    best: tuple[int, dict[str, Any]] = (per_category, {})
-    for folder in out.glob("eval-*"):
-        n = folder.name.removeprefix("eval-")
-        rows = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
-        if n.isdigit() and int(n) > best[0] and rows:
-            best = (int(n), rows)
-    return best
+    rows; ``(per_category, {})`` when there are none. Its shipped row is kept only when it scored the
+    files and defaults of ``shipped`` (this ship's own row): one from an earlier ship is stale."""
+    sizes = [
+        int(f.name.removeprefix("eval-"))
+        for f in out.glob("eval-*")
+        if f.name.removeprefix("eval-").isdigit()
+    ]
+    for n in sorted((n for n in sizes if n > per_category), reverse=True):
+        rows = {p.stem: json.loads(p.read_text()) for p in sorted((out / f"eval-{n}").glob("*.json"))}
+        if SHIPPED_EVAL in rows and not _same_model(rows[SHIPPED_EVAL], shipped):
+            del rows[SHIPPED_EVAL]
+        if rows:
+            return n, rows
+    return per_category, {}
+
+
+def _same_model(row: dict[str, Any], shipped: dict[str, Any] | None) -> bool:
+    keys = ("files_sha256", "steps", "guidance")
+    return shipped is not None and "files_sha256" in row and all(row.get(k) == shipped.get(k) for k in keys)
 
 
 def judged(results: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
@@ -258,7 +271,7 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
     teacher_size = _millions(preset_parameters(cfg.teacher_preset))
     student_size = _millions(preset_parameters(cfg.student_preset))
     sizes = {"teacher": teacher_size, "student": student_size}
-    n_more, more = larger_eval(recipe.out, cfg.eval_per_category)
+    n_more, more = larger_eval(recipe.out, cfg.eval_per_category, results.get(SHIPPED_EVAL))
     verdict_rows = judged(results, more)
     lines = [
         "# snapgen-emoji: the built-in default model",

@@ -187,11 +187,13 @@ def eval_folder(
 ) -> dict[str, Any]:
     """EmojiEval of a bundle folder's int8 variant at its defaults (steps, guidance): what a user of
     that folder gets. ``manifest`` (default: the folder's bundle.json) gives the defaults while a ship
-    has not written them yet. Returns the report plus the settings and the seconds it took."""
-    from model_store.bundle import read_manifest
+    has not written them yet. Returns the report plus the settings, the sha256 of the files it ran
+    (so a row can be matched to the folder it scored) and the seconds it took."""
+    from model_store.bundle import hash_file, read_manifest
     from training_tools.recipes import emoji_eval
 
-    manifest = manifest or read_manifest(root)
+    manifest = manifest if manifest is not None else read_manifest(root)
+    runtime_files = [n for n in manifest.variant_files("int8") if n != manifest.model_card]  # not the card
     d = manifest.defaults
     started = time.monotonic()
     generate = emoji_eval.bundle_generator(root, "int8", d.steps, d.guidance_scale, manifest)
@@ -201,6 +203,7 @@ def eval_folder(
         "folder": str(root),
         "steps": d.steps,
         "guidance": d.guidance_scale,
+        "files_sha256": {name: hash_file(root / name) for name in runtime_files},
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -219,7 +222,8 @@ def eval_as_shipped(recipe: Recipe, root: Path, manifest: Any) -> None:
         return
     images = recipe.out / "eval" / SHIPPED_EVAL
     result = eval_folder(root, recipe.classifier_dir(), recipe.cfg.eval_per_category, images, manifest)
-    result = {**{k: v for k, v in result.items() if k != "folder"}, "bundle": "int8 as shipped"}
+    del result["folder"]  # the temporary folder the ship renames
+    result["bundle"] = "int8 as shipped"
     (recipe.out / "eval" / f"{SHIPPED_EVAL}.json").write_text(json.dumps(result, indent=2) + "\n")
     recipe.update_summary("eval", {**recipe.summary().get("eval", {}), SHIPPED_EVAL: result})
     recipe.log(
