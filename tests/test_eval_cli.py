@@ -95,7 +95,8 @@ def test_eval_folder_scores_a_bundle_folder_at_its_own_defaults(classifier_dir: 
     bundle = build_bundle(tmp_path / "bundle", precisions=("int8",), guidance_scale=2.0)
     result = eval_folder(bundle, classifier_dir, 1, tmp_path / "images")
     assert (result["steps"], result["guidance"], result["folder"]) == (4, 2.0, str(bundle))
-    assert result["num_images"] == 5 and result["seconds"] > 0
+    # seconds are rounded to 0.1 s: a tiny bundle can read 0.0
+    assert result["num_images"] == 5 and result["seconds"] >= 0.0
     assert len(list((tmp_path / "images").glob("*.png"))) == 5
     assert set(result["files_sha256"]) == set(read_manifest(bundle).variant_files("int8")) - {"MODEL_CARD.md"}
     assert result["files_sha256"]["unet.int8.onnx"] == read_manifest(bundle).files["unet.int8.onnx"].sha256
