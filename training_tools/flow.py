@@ -64,13 +64,21 @@ def schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 
 def euler_segment(
-    denoiser: Denoiser, x: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, steps: int
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    t_from: torch.Tensor,
+    t_to: torch.Tensor,
+    steps: int,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrate from per-sample times t_from [B] to t_to [B] with ``steps`` uniform Euler steps."""
+    """Integrate from per-sample times t_from [B] to t_to [B] with ``steps`` uniform Euler steps.
+
+    ``first``: the velocity at (x, t_from) when the caller already has it (one denoiser call fewer).
+    """
     for i in range(steps):
         a = t_from + (t_to - t_from) * (i / steps)
         b = t_from + (t_to - t_from) * ((i + 1) / steps)
-        v = denoiser(x, a)
+        v = first if i == 0 and first is not None else denoiser(x, a)
         x = x + (b - a).view(-1, *([1] * (x.dim() - 1))) * v
     return x
 
