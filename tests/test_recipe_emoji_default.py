@@ -186,6 +186,34 @@ def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     assert other.autoencoder_preset == "emoji-c8"
 
 
+def test_the_builtin_classifier_scores_a_run_of_its_own_classes_and_font(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default ("auto") EmojiEval uses the built-in model's classifier (no 7 min of training, scores
+    comparable across runs) when it knows exactly this run's classes in the same font."""
+    from training_tools.recipes.emoji_default import builtin_classifier, same_classes
+
+    monkeypatch.setenv("SNAPGEN_BUILTIN_DIR", str(tmp_path / "builtin"))
+    classes = {"format_version": 1, "seed": 0, "font_sha256": "ab" * 32, "classes": [{"codepoint": "1f34e"}]}
+    shipped = builtin_classifier()
+    assert shipped == tmp_path / "builtin" / "snapgen-emoji" / "eval" / "classifier"
+    shipped.mkdir(parents=True)
+    (shipped / "classes.json").write_text(json.dumps(classes | {"seed": None}))  # the seed may differ
+    recipe = Recipe(RecipeConfig(out=str(tmp_path / "run")), log=lambda _line: None)
+    recipe.dataset_dir.mkdir(parents=True)
+    (recipe.dataset_dir / "classes.json").write_text(json.dumps(classes))
+    assert recipe.cfg.classifier == "auto" and recipe.classifier_dir() == shipped
+    # A directory given is used as it is.
+    given = Recipe(RecipeConfig(out=str(tmp_path / "run"), classifier="clf"), log=lambda _line: None)
+    assert given.classifier_dir() == Path("clf")
+    # Other classes, another font, or no classifier at all: not the same (the recipe trains one).
+    other = tmp_path / "other.json"
+    for changed in ({"classes": [{"codepoint": "1f34f"}]}, {"font_sha256": "cd" * 32}):
+        other.write_text(json.dumps(classes | changed))
+        assert not same_classes(other, recipe.dataset_dir / "classes.json")
+    assert not same_classes(tmp_path / "missing.json", recipe.dataset_dir / "classes.json")
+
+
 def test_the_ablation_is_opt_in_and_runs_after_the_distilled_student_by_default(tmp_path: Path) -> None:
     """The default run trains what ships (the distilled student on both cores); ``--ablation`` adds the
     no-KD student after it, ``--parallel`` puts it beside it (one core each, as emoji-v7/v8 ran)."""

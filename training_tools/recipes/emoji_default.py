@@ -140,7 +140,10 @@ class RecipeConfig(ConfigBase):
     # it took a core from it: 47 samples/s on one thread, 71 alone on two (emoji-v9, docs/training.md).
     ablation: bool = False
     parallel: bool = False  # the no-distillation student beside the distilled one (one core each)
-    classifier: str = ""  # EmojiEval classifier directory; empty = train one under OUT/classifier
+    # EmojiEval's classifier: "auto" = the built-in model's (the benchmark's fixed scorer, so scores
+    # compare across runs) when it was trained on this run's classes and font, else train one under
+    # OUT/classifier; "train" (or "") = always train one; or a classifier directory.
+    classifier: str = "auto"
     classifier_minutes: float = 7.0
     eval_per_category: int = 80
     guidance_scale: float = 4.0  # CFG for the 28-step evaluations (the notes: 3-4 best)
@@ -646,8 +649,13 @@ class Recipe:
         return path
 
     def classifier_dir(self) -> Path:
-        if self.cfg.classifier:
-            return Path(self.cfg.classifier)
+        choice = self.cfg.classifier
+        if choice not in ("auto", "train", ""):
+            return Path(choice)
+        if choice == "auto":
+            builtin = builtin_classifier()
+            if same_classes(builtin / "classes.json", self.dataset_dir / "classes.json"):
+                return builtin
         path = self.out / "classifier"
         if not (path / "model.safetensors").is_file():
             self._run(
@@ -829,6 +837,23 @@ def _clock(path: Path) -> float:
     return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
 
 
+def builtin_classifier() -> Path:
+    """The EmojiEval classifier shipped with the built-in model (``snapgen eval``'s default)."""
+    from model_store.paths import builtin_dir
+    from snapgen_app.commands.eval import CLASSIFIER_SUBDIR
+
+    return builtin_dir() / MODEL_NAME / CLASSIFIER_SUBDIR
+
+
+def same_classes(classifier_classes: Path, dataset_classes: Path) -> bool:
+    """Whether a classifier was trained on exactly the dataset's emoji classes, in the same font."""
+    try:
+        a, b = (json.loads(path.read_text()) for path in (classifier_classes, dataset_classes))
+    except (OSError, ValueError):
+        return False
+    return a.get("font_sha256") == b.get("font_sha256") and a.get("classes") == b.get("classes")
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -934,7 +959,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pair-threads", type=int, default=1, help="threads of each student when the two run side by side"
     )
-    p.add_argument("--classifier", default="", help="EmojiEval classifier directory (default: train one)")
+    p.add_argument(
+        "--classifier",
+        default=RecipeConfig.classifier,
+        help="EmojiEval classifier: a directory, 'train' (train one, ~7 min), or 'auto' (default: the "
+        "built-in model's when it knows this run's classes, else train one)",
+    )
     p.add_argument("--eval-per-category", type=int, default=80)
     p.add_argument(
         "--ablation",
