@@ -8,6 +8,10 @@ trainer stages run as real ``python -m training_tools`` subprocesses.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -310,3 +314,42 @@ def test_ship_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path: Path) ->
     assert (store / "README.md").read_text() == "the store"
     assert (store / "snapgen-emoji").is_dir()
     assert not (tmp_path / "builtin.tmp").exists()
+
+
+def test_sigterm_stops_the_recipe_with_a_checkpoint_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """`kill PID` of a running recipe: the trainer it runs writes a checkpoint, the stage clock keeps
+    the minutes trained, the recipe exits 130 saying how to resume; the same command then resumes
+    the stage (not from zero) and finishes it."""
+    out = tmp_path / "run"
+    cfg = _config(out).replace(stage_minutes={"autoencoder": 0.02, "teacher": 0.3})
+    build(
+        out / "dataset",
+        BuildConfig(num_images=cfg.num_images, seed=0, num_classes=8, class_seed=3),
+        classes=curate(8, seed=3),
+    )
+    (out / "recipe.json").write_text(json.dumps(cfg.to_dict()))
+    command = [sys.executable, "-m", "training_tools.recipes.emoji_default", "--out", str(out)]
+    command += ["--stages", "dataset,autoencoder,teacher"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clock = out / "clock" / "teacher.json"  # written once the recipe sees the training loop run
+    deadline = time.monotonic() + 120
+    while not clock.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the teacher never started training"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped during teacher" in err and "run the same command again to resume" in err
+    assert not (out / "teacher" / "final").exists()
+    assert list((out / "teacher" / "checkpoints").glob("step-*")), "no checkpoint written on SIGTERM"
+    trained = json.loads(clock.read_text())["seconds"]
+    assert 0.0 < trained < 0.3 * 60
+    log = (out / "logs" / "recipe.log").read_text()
+    assert "recipe: stopped during teacher" in log and "teacher: finished" not in log
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    log = (out / "logs" / "recipe.log").read_text()
+    assert "teacher: resuming" in log and "teacher: finished" in log
+    assert (out / "teacher" / "final" / "model_index.json").is_file()
+    assert json.loads(clock.read_text())["seconds"] >= trained

@@ -26,6 +26,10 @@ stopped with SIGTERM, which makes it checkpoint), then a cosine cooldown for the
 rest at the measured speed (see :meth:`Recipe.run_trainer`). The minutes already spent in a stage are kept in
 ``OUT/clock/STAGE.json`` so a resumed stage gets only what is left.
 Events of every stage go to ``OUT/logs/STAGE.log``; the recipe's own progress to ``OUT/logs/recipe.log``.
+
+Stopping: SIGTERM (``kill PID``) or Ctrl-C stops the running stage process with SIGTERM (a trainer
+writes a checkpoint; its clock keeps the minutes it trained) and the recipe exits with code 130.
+The same command again resumes: finished stages skip themselves, the stopped one resumes.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from snapgen_app.config import ConfigBase, require
-from snapgen_app.errors import SnapGenError, TrainingError
+from snapgen_app.errors import Cancelled, SnapGenError, TrainingError
 
 STAGES: tuple[str, ...] = (
     "dataset",
@@ -69,7 +73,8 @@ STAGES: tuple[str, ...] = (
 # prompts per category), alone on two threads 277k (emoji-v9: 69.5 %; shipped at 4 steps in int8:
 # 64.0 %). Guided step distillation for 75 min instead of 20 scored 60.0 against 54.5 % single-object
 # as shipped (200 prompts per category); ``--stage-minutes step_distill=20`` is the shorter run (about
-# 3 h 10 min in all instead of about 4 h 5 min).
+# 3 h 10 min in all instead of about 4 h 5 min before session 16; since then the classifier is the
+# built-in one and the cache 3 min faster, about 10 min less for each).
 DEFAULT_SHARES: dict[str, float] = {
     "autoencoder": 10 / 217,
     "teacher": 66 / 217,
@@ -94,7 +99,7 @@ class RecipeConfig(ConfigBase):
     """Everything the recipe needs; saved as ``OUT/recipe.json``."""
 
     out: str = "runs/emoji-default"
-    budget_minutes: float = 217.0  # + dataset, caches, classifier, export, eval: about 4 h 5 min in all
+    budget_minutes: float = 217.0  # + dataset, cache, export, eval, start-ups: about 3 h 55 min in all
     stage_minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of the shares
     seed: int = 0
     teacher_preset: str = TEACHER_PRESET
@@ -199,6 +204,11 @@ class Recipe:
         self.summary_path = self.out / "summary.json"
         self._ablation_thread: threading.Thread | None = None
         self._ablation_error: BaseException | None = None
+        # Stop requests (SIGTERM / Ctrl-C, see :meth:`request_stop`): the running stage processes, as
+        # a tuple replaced whole (the signal handler reads it without the lock).
+        self._stop = threading.Event()
+        self._children: tuple[subprocess.Popen[bytes], ...] = ()
+        self._children_lock = threading.Lock()
 
     # paths
     @property
@@ -229,13 +239,55 @@ class Recipe:
     def summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
 
+    # -- stopping ----------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop soon and lose nothing; safe from a signal handler. Each running stage process gets
+        SIGTERM (a trainer writes a checkpoint, and its stage clock keeps the minutes it trained);
+        the recipe then raises :class:`Cancelled` instead of going on. Running the same command again
+        resumes: finished stages skip themselves, a stopped one resumes from its checkpoint."""
+        self._stop.set()
+        for proc in self._children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def check_stop(self, where: str) -> None:
+        """Raise :class:`Cancelled` when a stop was requested (``where``: what was running)."""
+        if self._stop.is_set():
+            self.log(f"recipe: stopped during {where} (nothing lost); run the same command to resume")
+            raise Cancelled(
+                f"stopped during {where}; run the same command again to resume from there",
+                hint=f"the run folder {self.out} keeps every finished stage and the last checkpoint",
+            )
+
+    def _spawn(self, argv: Sequence[str], handle: Any, threads: int | None) -> subprocess.Popen[bytes]:
+        """Start a stage process in its own session (a terminal's Ctrl-C reaches only the recipe,
+        which stops its children with SIGTERM, the signal the trainers turn into a checkpoint)."""
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=_env(threads or self.cfg.threads),
+            start_new_session=True,
+        )
+        with self._children_lock:
+            self._children = (*self._children, proc)
+        if self._stop.is_set():  # asked to stop while it was starting
+            proc.send_signal(signal.SIGTERM)
+        return proc
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._children_lock:
+            self._children = tuple(p for p in self._children if p is not proc)
+
     def _run(self, name: str, argv: Sequence[str], threads: int | None = None) -> None:
         """Run a subprocess to completion with its output in OUT/logs/NAME.log; RecipeError on failure."""
         log_path = self.out / "logs" / f"{name}.log"
         with open(log_path, "a") as handle:
-            rc = subprocess.call(
-                list(argv), stdout=handle, stderr=subprocess.STDOUT, env=_env(threads or self.cfg.threads)
-            )
+            proc = self._spawn(argv, handle, threads)
+            rc = proc.wait()
+            self._reap(proc)
+        self.check_stop(name)
         if rc != 0:
             raise RecipeError(f"stage {name} failed (exit code {rc})", hint=f"read {log_path}")
 
@@ -436,8 +488,10 @@ class Recipe:
         if self._ablation_thread is None:
             self._ablation_thread = threading.Thread(target=self._ablation_worker, name="ablation")
             self._ablation_thread.start()
-        self.stage_distill(threads=self.cfg.pair_threads)
-        self.join_ablation()
+        try:
+            self.stage_distill(threads=self.cfg.pair_threads)
+        finally:  # also when stopped: the ablation's trainer got the same SIGTERM
+            self.join_ablation()
 
     def _ablation_worker(self) -> None:
         try:
@@ -570,10 +624,8 @@ class Recipe:
         events = self.out / name / "events.jsonl"
         offset = events.stat().st_size if events.is_file() else 0  # this process's events start here
         with open(log_path, "a") as handle:
-            proc = subprocess.Popen(
-                argv, stdout=handle, stderr=subprocess.STDOUT, env=_env(threads or self.cfg.threads)
-            )
-            # The clock runs while the training loop does: start-up and the latent/text cache (8.7
+            proc = self._spawn(argv, handle, threads)
+            # The clock runs while the training loop does: start-up and the latent/text cache (5.8
             # min for 30,000 images on the first stage, read back in seconds by the next) are not
             # part of a stage's budget. The loop is seen running at its first progress report (10
             # steps) or when it says it resumed, within the 2 s poll.
@@ -596,6 +648,8 @@ class Recipe:
                     stopped = True
             if clock_path is not None and started is not None:
                 clock_path.write_text(json.dumps({"seconds": used + time.monotonic() - started}))
+            self._reap(proc)
+        self.check_stop(name)
         return int(proc.returncode)
 
     # -- export, eval, ship ---------------------------------------------------------------------------
@@ -732,6 +786,7 @@ class Recipe:
         for name, how in self.eval_plan():
             if only and name not in only:
                 continue
+            self.check_stop(f"eval (before {name})")
             path = results_dir / f"{name}.json"
             if path.is_file():
                 results[name] = json.loads(path.read_text())
@@ -786,6 +841,7 @@ class Recipe:
                 if self.cfg.ablation and not (self.cfg.parallel and "distill" in stages):
                     self.stage_ablation()
                 continue
+            self.check_stop(f"the start of stage {stage}")
             t0 = time.monotonic()
             steps[stage]()
             self.log(f"stage {stage}: {(time.monotonic() - t0) / 60:.1f} min")
@@ -1067,7 +1123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _require_training_environment()
         if args.background:
             return _detach(argv, Path(cfg.out))
-        Recipe(cfg, log=lambda line: print(line, flush=True)).run(stages)
+        recipe = Recipe(cfg, log=lambda line: print(line, flush=True))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda _signum, _frame: recipe.request_stop())
+        recipe.run(stages)
+    except Cancelled as exc:
+        print(f"recipe: {exc}", file=sys.stderr)
+        return exc.exit_code
     except SnapGenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -1096,7 +1158,10 @@ def _detach(argv: Sequence[str], out: Path) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    print(f"recipe running in the background (pid {proc.pid}); log: {out / 'logs' / 'recipe.log'}")
+    print(
+        f"recipe running in the background (pid {proc.pid}); log: {out / 'logs' / 'recipe.log'}; "
+        f"stop it with `kill {proc.pid}` (nothing is lost: run the same command again to resume)"
+    )
     return 0
 
 
