@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def run_once(checkout: Path, stage: str, config: dict, work: Path, name: str, sk
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
     speed = samples_per_s(run_dir / "events.jsonl", skip)
-    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    shutil.rmtree(run_dir)
     return speed
 
 
