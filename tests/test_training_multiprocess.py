@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,66 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), including those in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and all its ranks (torch's launcher starts each rank in a new session,
+    so killing the launcher's process group alone would leave them running)."""
+    for child in [*_descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+class _FakeAccelerator:
+    """The two attributes ``end_training`` uses; ``end_training()`` blocks until released."""
+
+    def __init__(self, num_processes: int, blocks: bool) -> None:
+        self.num_processes = num_processes
+        self.release = threading.Event()
+        self.ended = threading.Event()
+        if not blocks:
+            self.release.set()
+
+    def end_training(self) -> None:
+        self.release.wait()
+        self.ended.set()
+
+
+def test_end_training_is_bounded_in_a_multi_process_run(tmp_path: Path) -> None:
+    from training_tools.events import EventWriter
+    from training_tools.trainer import end_training
+
+    stream = io.StringIO()
+    events = EventWriter("pretrain", tmp_path / "events.jsonl", stream=stream)
+    stuck = _FakeAccelerator(2, blocks=True)
+    started = time.monotonic()
+    assert end_training(stuck, events, timeout_s=0.3) is False
+    assert 0.3 <= time.monotonic() - started < 5.0
+    assert "teardown still waiting" in stream.getvalue()
+    stuck.release.set()  # let the daemon thread finish
+    assert stuck.ended.wait(5.0)
+
+    quick = _FakeAccelerator(2, blocks=False)
+    assert end_training(quick, events, timeout_s=5.0) is True and quick.ended.is_set()
+    single = _FakeAccelerator(1, blocks=False)
+    assert end_training(single, events, timeout_s=0.0) is True and single.ended.is_set()
+
+
 def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -> None:
     data, cache = shapes
     cfg = base_config(tmp_path, data, cache, batch_size=2, max_steps=4, checkpoint_every=2)
@@ -29,8 +93,8 @@ def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -
     accelerate = Path(sys.executable).with_name("accelerate")
     env = subprocess_env()
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes even on a GPU machine: gloo, as in the issue
-    # Its own process group: on a timeout every rank goes (a rank left waiting for a peer once
-    # outlived the launcher), and the output says how far the ranks got.
+    # On a timeout the launcher and every rank go (_kill_tree reaches the ranks' own sessions; a rank
+    # stuck in its teardown once outlived the launcher), and the output says how far the ranks got.
     proc = subprocess.Popen(
         [
             str(accelerate),
@@ -61,7 +125,7 @@ def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -
     try:
         _, stderr = proc.communicate(timeout=400)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         _, stderr = proc.communicate()
         pytest.fail(f"two-process run still going after 400 s; its stderr:\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]

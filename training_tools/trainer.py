@@ -18,6 +18,7 @@ import copy
 import importlib
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,38 @@ def lr_lambda(warmup: int, total: int, kind: str, decay_from: int = 0) -> Any:
     return factor
 
 
+TEARDOWN_TIMEOUT_S = 60.0
+
+
+def end_training(accelerator: Any, events: EventWriter, timeout_s: float = TEARDOWN_TIMEOUT_S) -> bool:
+    """``accelerator.end_training()`` with a time bound; False when it did not return in time.
+
+    In a multi-process run it destroys the process group, which now and then never returns on one
+    rank (pytorch/pytorch#75097; seen here twice in the two-process CPU test: the run had finished
+    and saved, one rank stayed on a futex). By then everything is saved, so a rank is not kept alive
+    for it: the teardown runs in a daemon thread, and on a timeout the caller (``python -m
+    training_tools``) leaves at once with ``os._exit``. A single process tears down in line.
+    """
+    if accelerator.num_processes == 1:
+        accelerator.end_training()
+        return True
+    done = threading.Event()
+
+    def teardown() -> None:
+        accelerator.end_training()
+        done.set()
+
+    threading.Thread(target=teardown, name="end-training", daemon=True).start()
+    if done.wait(timeout_s):
+        return True
+    events.emit(
+        "log",
+        message=f"process-group teardown still waiting after {timeout_s:.0f} s (torch issue 75097); "
+        "everything is saved, leaving without it",
+    )
+    return False
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it.
 
@@ -103,6 +136,7 @@ class Trainer:
         self.dry_run = dry_run
         self.stop_after = stop_after
         self._stop_requested = False
+        self.teardown_hung = False  # set by run() when the process group's teardown did not return
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -343,7 +377,7 @@ class Trainer:
             summary["export"] = self._export(run_dir)
             events.emit("finished", step=step, total=cfg.max_steps, message=f"saved {final}", data=summary)
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        self.teardown_hung = not end_training(accelerator, events)
         return summary
 
     # -- pieces -----------------------------------------------------------------------------------
