@@ -292,6 +292,14 @@ def test_eval_scores_real_renders_high_and_blank_or_noise_low(classes: list, tin
     assert noise.overall <= 0.2
     assert noise.frechet_distance is not None and real.frechet_distance is not None
     assert noise.frechet_distance > 5 * real.frechet_distance
+    # Per prompt: what was asked and what was seen, in prompt order.
+    rows = real.prompt_results(prompts, classes)
+    assert [r["text"] for r in rows] == [p.text for p in prompts]
+    assert [r["correct"] for r in rows] == list(real.correct)
+    single = [(p, r) for p, r in zip(prompts, rows, strict=True) if p.category == "single_object"]
+    for prompt, row in single:
+        assert (classes[prompt.classes[0]].name in row["seen_objects"]) == row["correct"]
+    assert all(r["seen_objects"] == [] and not r["correct"] for r in blank.prompt_results(prompts, classes))
 
 
 def test_evaluate_calls_the_generator_with_texts_and_seeds(classes: list, tiny_classifier: str) -> None:

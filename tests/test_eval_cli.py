@@ -73,6 +73,40 @@ def test_eval_scores_a_random_model_low_and_keeps_images(
     assert report["per_category"]["single_object"] == 0.0
     assert report["overall"] < 0.5
     assert len(list(kept.glob("0*.png"))) == 10
+    # Every prompt's result sits next to its image.
+    assert report["results_file"] == str(kept / "results.json")
+    rows = json.loads((kept / "results.json").read_text())["prompts"]
+    assert [r["image"] for r in rows] == [f"{i:05d}.png" for i in range(10)]
+    prompts = json.loads((kept / "prompts.json").read_text())["prompts"]
+    assert [r["text"] for r in rows] == [p["text"] for p in prompts]
+    assert not any(r["correct"] for r in rows if r["category"] == "single_object")
+    assert all(set(r) >= {"seen_background", "seen_objects", "category"} for r in rows)
+
+
+def test_print_misses_spreads_examples_over_the_categories(capsys: pytest.CaptureFixture[str]) -> None:
+    from snapgen_app.commands.eval import print_misses
+
+    def row(i: int, category: str, correct: bool) -> dict:
+        return {
+            "image": f"{i:05d}.png",
+            "text": f"prompt {i}",
+            "category": category,
+            "correct": correct,
+            "seen_background": None if i == 3 else "blue",
+            "seen_objects": ["dog"] if i == 1 else [],
+        }
+
+    rows = [row(0, "a", False), row(1, "a", False), row(2, "a", True), row(3, "b", False)]
+    print_misses(rows, 2)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "3 of 4 prompts missed; for example:"
+    assert out[1:] == [
+        '  00000.png  "prompt 0"  saw: no object; background blue',
+        '  00003.png  "prompt 3"  saw: no object; background not uniform',
+    ]
+    print_misses(rows, 0)
+    print_misses([row(2, "a", True)], 5)
+    assert capsys.readouterr().out == ""
 
 
 def test_eval_without_a_classifier_is_a_usage_error(

@@ -25,6 +25,8 @@ from snapgen_app.finetune import training_python
 EVAL_MODULE = "training_tools.emoji_world.eval"
 #: Where a model ships its EmojiEval classifier, relative to its folder.
 CLASSIFIER_SUBDIR = Path("eval") / "classifier"
+#: Per-prompt results, written next to the images.
+RESULTS_FILE = "results.json"
 
 DESCRIPTION = """Score a model on EmojiEval: a fixed, seeded prompt set in five categories (single
 object, two objects, counting 1-4, background colour, position), each image checked by an emoji
@@ -53,7 +55,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--per-category", type=int, default=80, metavar="N", help="prompts per category (default 80)"
     )
-    parser.add_argument("--keep-images", metavar="DIR", help="keep the generated images in DIR")
+    parser.add_argument(
+        "--keep-images",
+        metavar="DIR",
+        help="keep the generated images in DIR, with every prompt's result in DIR/results.json",
+    )
+    parser.add_argument(
+        "--show-misses",
+        type=int,
+        default=5,
+        metavar="N",
+        help="list up to N missed prompts with what the scorer saw (default 5; 0 for none)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run)
 
@@ -107,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json and (index + 1) % 50 == 0:
                 print(f"generated {index + 1}/{len(prompts)}", file=sys.stderr)
         seconds = time.perf_counter() - started
+        results_file = images / RESULTS_FILE
         output = _run_eval_module(
             python,
             [
@@ -118,12 +132,17 @@ def run(args: argparse.Namespace) -> int:
                 "--prompts",
                 str(prompts_file),
                 "--json",
+                "--per-prompt",
+                str(results_file),
             ],
         )
+        results = json.loads(results_file.read_text())["prompts"]
     report = json.loads(output)
     report.update(
         model=name, steps=args.steps, precision=args.precision, generation_seconds=round(seconds, 2)
     )
+    if args.keep_images:
+        report["results_file"] = str(results_file)
     if args.json:
         json.dump(report, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
@@ -134,4 +153,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {'overall':<16} {report['overall']:6.3f}")
         if report.get("frechet_distance") is not None:
             print(f"  {'frechet':<16} {report['frechet_distance']:6.2f}")
+        print_misses(results, args.show_misses)
+        if args.keep_images:
+            print(f"images and every prompt's result: {images} ({RESULTS_FILE})")
     return 0
+
+
+def print_misses(results: list[dict[str, Any]], limit: int) -> None:
+    """Up to ``limit`` missed prompts, spread over the categories, with what the scorer saw."""
+    misses = [r for r in results if not r["correct"]]
+    if limit <= 0 or not misses:
+        return
+    by_category: dict[str, list[dict[str, Any]]] = {}
+    for miss in misses:
+        by_category.setdefault(miss["category"], []).append(miss)
+    picked: list[dict[str, Any]] = []
+    while len(picked) < min(limit, len(misses)):  # round robin: one of each category in turn
+        for group in by_category.values():
+            if group and len(picked) < limit:
+                picked.append(group.pop(0))
+    print(f"{len(misses)} of {len(results)} prompts missed; for example:")
+    for miss in picked:
+        objects = ", ".join(miss["seen_objects"]) or "no object"
+        background = miss["seen_background"] or "not uniform"
+        print(f'  {miss["image"]}  "{miss["text"]}"  saw: {objects}; background {background}')

@@ -289,22 +289,43 @@ def _as_rgb128(image: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class EvalReport:
     """Per-category accuracy (0..1), overall = mean over the categories present, per-prompt
-    correctness, and the Frechet distance to real renders (None when not computed)."""
+    correctness and readings, and the Frechet distance to real renders (None when not computed)."""
 
     per_category: dict[str, float]
     overall: float
     num_images: int
     frechet_distance: float | None
     correct: tuple[bool, ...]
+    readings: tuple[ImageReading, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (per-prompt correctness left out)."""
+        """JSON-ready dict (per-prompt results left out: see :meth:`prompt_results`)."""
         return {
             "per_category": self.per_category,
             "overall": self.overall,
             "num_images": self.num_images,
             "frechet_distance": self.frechet_distance,
         }
+
+    def prompt_results(
+        self, prompts: Sequence[PromptSpec], classes: Sequence[EmojiClass]
+    ) -> list[dict[str, Any]]:
+        """One dict per prompt: what was asked, whether it passed, and what the finder and the
+        classifier saw (background name or None when not uniform; objects largest first), so a
+        miss can be looked at next to its image (``image``: the file name in an images folder)."""
+        if len(prompts) != len(self.readings):
+            raise ConfigError("prompts", f"{len(prompts)} prompts for {len(self.readings)} readings")
+        return [
+            {
+                "image": image_name(i),
+                "text": prompt.text,
+                "category": prompt.category,
+                "correct": ok,
+                "seen_background": reading.background,
+                "seen_objects": [classes[label].name for label in reading.labels],
+            }
+            for i, (prompt, ok, reading) in enumerate(zip(prompts, self.correct, self.readings, strict=True))
+        ]
 
     def format(self) -> str:
         """Human-readable table."""
@@ -341,7 +362,7 @@ def score(
     distance = None
     if reference is not None and len(images) >= 2 and len(reference) >= 2:
         distance = frechet_distance(image_features(images, model), image_features(reference, model))
-    return EvalReport(per_category, overall, len(images), distance, correct)
+    return EvalReport(per_category, overall, len(images), distance, correct, tuple(readings))
 
 
 def evaluate(
@@ -412,6 +433,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", help="prompt set (default DIR/prompts.json, else the default set)")
     s.add_argument("--no-frechet", action="store_true", help="skip the Frechet distance")
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--per-prompt", metavar="FILE", help="also write every prompt's result and what was seen (JSON)"
+    )
     s.add_argument("--threads", type=int, default=1, help="torch threads for the classifier")
     p = sub.add_parser("prompts", help="write the default prompt set for the classifier's classes")
     p.add_argument("--classifier", required=True)
@@ -464,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         images = read_images_dir(args.images, len(prompts))
         reference = None if args.no_frechet else render_real(prompts, classes)
         report = score(images, prompts, model, reference=reference)
+        if args.per_prompt:
+            results = {"prompts": report.prompt_results(prompts, classes)}
+            Path(args.per_prompt).write_text(json.dumps(results, indent=1) + "\n")
     except SnapGenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
