@@ -336,3 +336,38 @@ def test_a_preset_unet_takes_the_latent_channels_of_its_autoencoder(
     )
     student = SnapGenUNet.from_pretrained(Path(run_quietly(student_cfg)["final"]) / "unet")
     assert student.unet_config.in_channels == 8
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["ema-and-text", "lora"])
+def test_a_trainer_checkpoint_is_written_as_the_final_that_step_would_have_saved(
+    tmp_path: Path, shapes: tuple[Path, Path], teachers: dict[str, Path], lora: bool
+) -> None:
+    from training_tools.models import final_from_checkpoint
+
+    data, cache = shapes
+    extra: dict[str, object] = {"checkpoint_every": 3, "keep_checkpoints": 3, "optim.lr": 5e-3}
+    if lora:
+        extra |= {"model.unet_path": str(teachers["snapgen"]), "lora.rank": 4, "model.train_text": False}
+    else:
+        extra |= {"optim.ema": True, "optim.ema_decay": 0.9, "model.train_text": True}
+    cfg = base_config(tmp_path, data, cache, stage="finetune" if lora else "pretrain", max_steps=6, **extra)
+    summary = run_quietly(cfg)
+    final = Path(summary["final"])
+    checkpoints = Path(cfg.run_dir) / "checkpoints"
+    last = final_from_checkpoint(checkpoints / "step-00000006", tmp_path / "from-6")
+    early = final_from_checkpoint(checkpoints / "step-00000003", tmp_path / "from-3")
+    for part in ("unet", "text_conditioner"):
+        want, got = _weights(final / part), _weights(last / part)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), part
+    assert (last / "model_index.json").read_text() == (final / "model_index.json").read_text()
+    early_unet = _weights(early / "unet")
+    assert any(not torch.equal(early_unet[k], v) for k, v in _weights(final / "unet").items())
+    SnapGenUNet.from_pretrained(early / "unet")  # a plain diffusers component
+    with pytest.raises(Exception, match="not a trainer checkpoint"):
+        final_from_checkpoint(final, tmp_path / "nope")

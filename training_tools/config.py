@@ -188,6 +188,9 @@ class StepDistillConfig(ConfigBase):
     gan_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_lr: float = 1e-4
     disc_hidden: int = 64
+    # Where the adversarial term re-noises the student's x0 estimate (and the real latents): the
+    # logit-normal mean of that time (None = flow.logit_mean). Lower = less noise, more detail seen.
+    adv_logit_mean: float | None = None
 
     def validate(self) -> None:
         require(1 <= self.student_steps <= 16, "step_distill.student_steps", "out of range", allowed="1-16")

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from snapgen_app.config import UNetConfig
@@ -153,3 +154,34 @@ def save_final(
         shutil.rmtree(final_dir)
     tmp.rename(final_dir)
     return final_dir
+
+
+def final_from_checkpoint(checkpoint: Path, final_dir: Path) -> Path:
+    """Write a trainer checkpoint (``RUN/checkpoints/step-N``) as the final checkpoint that run would
+    have saved at that step (EMA weights when the run keeps an EMA): what ``snapgen export`` and the
+    evals read, so a run in progress, or one of its earlier checkpoints, can be exported or scored.
+    """
+    from training_tools import checkpoint as ckpt
+
+    checkpoint = Path(checkpoint)
+    config_file = checkpoint.parent.parent / "train_config.json"
+    if not (checkpoint / ckpt.STATE_FILE).is_file() or not config_file.is_file():
+        raise TrainingError(
+            f"{checkpoint} is not a trainer checkpoint of a run",
+            hint="give RUN/checkpoints/step-N (next to it RUN/train_config.json)",
+        )
+    cfg = TrainConfig.load(config_file)
+    torch.manual_seed(cfg.seed)  # as the trainer's rank 0: fresh, untrained parts start the same
+    parts = build_student_parts(cfg)
+    lora = cfg.stage == "finetune" and cfg.lora.rank > 0
+    if lora:
+        parts.unet = apply_lora(parts.unet, cfg.lora)
+    parts.unet.load_state_dict(ckpt.read_group(checkpoint, "module-unet"), strict=False)
+    parts.text.load_state_dict(ckpt.read_group(checkpoint, "module-text"), strict=False)
+    ema = ckpt.read_group(checkpoint, "ema")
+    if ema:
+        params = dict(parts.unet.named_parameters())
+        for name, tensor in ema.items():
+            params[name].data.copy_(tensor.to(params[name].dtype))
+    unet = merge_lora(parts.unet) if lora else parts.unet
+    return save_final(final_dir, unet, parts.text, parts, cfg)

@@ -873,9 +873,8 @@ class _Context:
         terms = {"task": float(l_task.mean().detach()), "kd_traj": float(l_traj.mean().detach())}
         if self.disc is not None:
             x0_hat = flow.x0_from_velocity(x_t, v_s, t)
-            s = flow.sample_t(
-                b, mean=cfg.flow.logit_mean, std=cfg.flow.logit_std, shift=shift, generator=gen
-            ).to(dev)
+            adv_mean = cfg.flow.logit_mean if sd.adv_logit_mean is None else sd.adv_logit_mean
+            s = flow.sample_t(b, mean=adv_mean, std=cfg.flow.logit_std, shift=shift, generator=gen).to(dev)
             eps2 = torch.randn(x0.shape, generator=gen).to(dev)
             with self.acc.autocast():
                 fake_feats = teacher(flow.add_noise(x0_hat, eps2, s), s, t_tokens, t_pooled)[1]

@@ -6,8 +6,10 @@ Each generator is ``generate(texts, seeds) -> list of [128, 128, 3] uint8`` as
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +118,17 @@ def run_eval(
     if images_dir is not None:
         write_images(images_dir, kept, prompts)
     return report.to_dict()
+
+
+@contextlib.contextmanager
+def checkpoint_folder(path: Path) -> Iterator[Path]:
+    """A final-checkpoint folder for ``path``: itself when it is one (model_index.json), else a
+    trainer checkpoint (``RUN/checkpoints/step-N``) written as the final folder of that step in a
+    temporary directory, removed afterwards."""
+    if (path / "model_index.json").is_file():
+        yield path
+        return
+    from training_tools.models import final_from_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="snapgen-ckpt-") as tmp:
+        yield final_from_checkpoint(path, Path(tmp) / "final")
