@@ -162,6 +162,7 @@ def final_from_checkpoint(checkpoint: Path, final_dir: Path) -> Path:
     evals read, so a run in progress, or one of its earlier checkpoints, can be exported or scored.
     """
     from training_tools import checkpoint as ckpt
+    from training_tools.ema import EMA
 
     checkpoint = Path(checkpoint)
     config_file = checkpoint.parent.parent / "train_config.json"
@@ -178,10 +179,10 @@ def final_from_checkpoint(checkpoint: Path, final_dir: Path) -> Path:
         parts.unet = apply_lora(parts.unet, cfg.lora)
     parts.unet.load_state_dict(ckpt.read_group(checkpoint, "module-unet"), strict=False)
     parts.text.load_state_dict(ckpt.read_group(checkpoint, "module-text"), strict=False)
-    ema = ckpt.read_group(checkpoint, "ema")
-    if ema:
-        params = dict(parts.unet.named_parameters())
-        for name, tensor in ema.items():
-            params[name].data.copy_(tensor.to(params[name].dtype))
+    averaged = ckpt.read_group(checkpoint, "ema")
+    if averaged:  # the trainer's own EMA: names checked, copied as at the end of a run
+        ema = EMA(parts.unet, cfg.optim.ema_decay)
+        ema.load_state_tensors(averaged, 0)
+        ema.copy_to(parts.unet)
     unet = merge_lora(parts.unet) if lora else parts.unet
     return save_final(final_dir, unet, parts.text, parts, cfg)
