@@ -78,6 +78,32 @@ def test_a_stage_without_cooldown_is_finalised_at_the_step_it_reached(
     assert saved["optim"].get("decay_from", 0) == 0
 
 
+def test_a_diverging_stage_goes_on_with_the_next_seed_a_bounded_number_of_times(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """A teacher whose loss blows up (here: an absurd learning rate, so every try diverges) is
+    resumed from its last healthy checkpoint with the next seed, DIVERGENCE_RETRIES times, then the
+    recipe stops with the stage's error instead of training on a dead network."""
+    import shutil
+
+    from training_tools.recipes.emoji_default import DIVERGENCE_RETRIES, RecipeError
+
+    recipe, _ = recipe_run
+    for part in ("dataset", "autoencoder", "text-init"):
+        if (recipe.out / part).exists():
+            shutil.copytree(recipe.out / part, tmp_path / part, symlinks=True)
+    lines: list[str] = []
+    cfg = recipe.cfg.replace(out=str(tmp_path), teacher_lr=1e30, stage_minutes={"teacher": 0.5})
+    with pytest.raises(RecipeError, match="stage teacher failed"):
+        Recipe(cfg, log=lines.append).run(["dataset", "autoencoder", "teacher"])
+    retries = [line for line in lines if "going on from its last healthy checkpoint" in line]
+    assert len(retries) == DIVERGENCE_RETRIES == 2
+    assert all("teacher: training diverged" in line for line in retries)
+    assert retries[0].endswith("seed 1") and retries[1].endswith("seed 2")
+    assert json.loads((tmp_path / "configs" / "teacher.json").read_text())["seed"] == 2
+    assert not (tmp_path / "teacher" / "final").exists()
+
+
 def test_stages_chain_into_a_step_distilled_checkpoint(recipe_run: tuple[Recipe, list[str]]) -> None:
     recipe, lines = recipe_run
     assert any("dataset: present, skipped" in line for line in lines)
@@ -166,6 +192,9 @@ def test_config_rejects_unknown_stage_minutes() -> None:
 
     with pytest.raises(SnapGenError, match="stage_minutes"):
         RecipeConfig(stage_minutes={"teachers": 3.0})
+    for steps in (2, 6):  # fewer teacher steps than the student's 4, or not the same number per step
+        with pytest.raises(SnapGenError, match="teacher_steps_for_targets"):
+            RecipeConfig(teacher_steps_for_targets=steps)
 
 
 def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
@@ -188,6 +217,8 @@ def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     assert fresh.budget_minutes == RecipeConfig().budget_minutes
     other = config_from_args(["--out", str(tmp_path / "new"), "--autoencoder-preset", "emoji-c8"])
     assert other.autoencoder_preset == "emoji-c8"
+    targets = config_from_args(["--out", str(tmp_path / "new"), "--teacher-steps-for-targets", "4"])
+    assert targets.teacher_steps_for_targets == 4 and fresh.teacher_steps_for_targets == 8
 
 
 def test_the_builtin_classifier_scores_a_run_of_its_own_classes_and_font(

@@ -172,3 +172,25 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, state, gauss = meta["python"]
     random.setstate((version, tuple(state), gauss))
+
+
+def set_aside(root: Path, from_step: int) -> list[Path]:
+    """Rename every complete checkpoint of ``from_step`` or later to ``diverged-step-...`` (kept, never
+    resumed from) and point ``latest`` at the newest one left (or remove it). Returns the new paths."""
+    moved = []
+    for path in sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists()):
+        if int(path.name.removeprefix("step-")) >= from_step:
+            target = root / f"diverged-{path.name}"
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(path, target)
+            moved.append(target)
+    remaining = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    if remaining:
+        pointer = root / f".{LATEST_FILE}.tmp"
+        pointer.write_text(remaining[-1].name + "\n")
+        os.replace(pointer, root / LATEST_FILE)
+    else:
+        (root / LATEST_FILE).unlink(missing_ok=True)
+    _fsync_dir(root)
+    return moved

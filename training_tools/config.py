@@ -19,9 +19,10 @@ STAGES: tuple[str, ...] = ("pretrain", "distill", "step-distill", "finetune")
 # Fields that may differ between the saved config and the one given at resume time: they do not
 # change the math of the steps already taken (more steps, another export or sample cadence).
 # ``optim.decay_from`` only shapes the learning rate of steps still to come (a cooldown added to a
-# run that is stopped and continued).
+# run that is stopped and continued); ``seed`` only the noise and batches of steps still to come
+# (after a divergence the same seed would replay the same steps from the healthy checkpoint).
 RESUMABLE_CHANGES: frozenset[str] = frozenset(
-    {"max_steps", "sample_every", "log_every", "checkpoint_every", "optim.decay_from"}
+    {"max_steps", "sample_every", "log_every", "checkpoint_every", "optim.decay_from", "seed"}
 )
 
 
@@ -125,9 +126,20 @@ class OptimConfig(ConfigBase):
     ema_decay: float = 0.999
     ema: bool = True
     decay_from: int = 0
+    # Stop a run whose task loss stays above divergence_factor x its recent median for
+    # divergence_patience steps in a row (or is not finite), without a checkpoint of the blown-up
+    # weights (training_tools.divergence). 0 = never.
+    divergence_factor: float = 4.0
+    divergence_patience: int = 30
 
     def validate(self) -> None:
         require(self.lr > 0, "optim.lr", f"{self.lr} must be positive")
+        require(
+            self.divergence_factor == 0 or self.divergence_factor > 1,
+            "optim.divergence_factor",
+            "must be 0 (off) or above 1",
+        )
+        require(self.divergence_patience >= 1, "optim.divergence_patience", "must be >= 1")
         require(self.decay_from >= 0, "optim.decay_from", "must be >= 0")
         require(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
         require(0.0 <= self.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")

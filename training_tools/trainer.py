@@ -43,6 +43,7 @@ from training_tools.data import (
     scan_folder,
 )
 from training_tools.discriminator import FeatureDiscriminator
+from training_tools.divergence import DivergenceWatch
 from training_tools.ema import EMA
 from training_tools.estimate import Estimate, available_memory, estimate_run
 from training_tools.events import EventWriter
@@ -298,6 +299,7 @@ class Trainer:
             cfg, accelerator, wrapped, parts, teacher, teacher_text, projector, disc, disc_wrapped, probe
         )
         last_terms: dict[str, float] = {}
+        watch = DivergenceWatch(cfg.optim.divergence_factor, cfg.optim.divergence_patience)
         while step < cfg.max_steps:
             terms: dict[str, float] = {}
             for micro in range(cfg.optim.grad_accum):
@@ -330,8 +332,9 @@ class Trainer:
                 )
                 terms = dict(zip(keys, mean.tolist(), strict=True))
             last_terms = terms
+            diverged = watch.update(step, terms["task"])
             stop = self._should_stop(accelerator, step)
-            if main and (step % cfg.log_every == 0 or step == cfg.max_steps or stop):
+            if main and (step % cfg.log_every == 0 or step == cfg.max_steps or stop or diverged):
                 elapsed = max(time.monotonic() - window_start, 1e-9)
                 events.emit(
                     "progress",
@@ -347,7 +350,10 @@ class Trainer:
                 window_start, window_samples = time.monotonic(), 0
             if cfg.sample_every and step % cfg.sample_every == 0 and main:
                 self._samples(accelerator, wrapped, parts, run_dir, step, events)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop or step == cfg.max_steps:
+            if diverged:
+                raise self._diverged(accelerator, watch, terms["task"], root)
+            periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not watch.suspect
+            if periodic or stop or step == cfg.max_steps:
                 self._save(
                     accelerator,
                     root,
@@ -481,6 +487,21 @@ class Trainer:
             flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
             stop = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
         return stop and step < self.cfg.max_steps
+
+    def _diverged(self, accelerator: Any, watch: DivergenceWatch, loss: float, root: Path) -> TrainingError:
+        """The error of a diverged run. The checkpoints from the step before its first bad loss on
+        (their weights gave that loss, or were never seen to give a good one) are set aside, so a
+        resume continues from the newest one whose weights still trained well."""
+        first = watch.first_bad_step or 0
+        moved = ckpt.set_aside(root, first - 1) if accelerator.is_main_process else []
+        accelerator.wait_for_everyone()
+        healthy = ckpt.latest(root)
+        aside = f"; set aside: {', '.join(p.name for p in moved)}" if moved else ""
+        resume = f"--resume continues from {healthy.name}" if healthy else "no healthy checkpoint is left"
+        return TrainingError(
+            f"{watch.message(loss)}{aside}",
+            hint=f"{resume}; give it another seed (the same seed replays the same steps)",
+        )
 
     def _save(
         self,

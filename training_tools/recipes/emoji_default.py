@@ -85,6 +85,9 @@ STUDENT_PRESET = "tiny-emoji-small"
 AUTOENCODER_PRESET = "emoji"
 MODEL_NAME = "snapgen-emoji"
 CALIBRATION_PROMPT_COUNT = 8  # int8 calibration trajectories (training captions)
+# A stage whose loss diverges goes on from its last healthy checkpoint with the next seed, this often
+# (training_tools.divergence; a teacher run at lr 1e-3 in bf16 blew up at step 2000 in session 19).
+DIVERGENCE_RETRIES = 2
 
 
 class RecipeError(TrainingError):
@@ -168,6 +171,12 @@ class RecipeConfig(ConfigBase):
         require(self.eval_per_category >= 1, "eval_per_category", "must be >= 1")
         require(self.flow_shift > 0, "flow_shift", "must be positive")
         require(self.step_distill_guidance >= 1.0, "step_distill_guidance", "must be >= 1")
+        require(
+            self.teacher_steps_for_targets >= 4 and self.teacher_steps_for_targets % 4 == 0,
+            "teacher_steps_for_targets",
+            "must be a multiple of the student's 4 steps",
+            allowed="4, 8, 12, ...",
+        )
         require(0.0 <= self.cooldown_fraction <= 0.5, "cooldown_fraction", "must be in [0, 0.5]")
 
     @property
@@ -555,9 +564,21 @@ class Recipe:
             resume = (run_dir / "train_config.json").is_file()
             left = "to the end" if budget is None else f"{(budget - used) / 60:.1f} of {minutes:.1f} min left"
             self.log(f"{name}: {'resuming' if resume else 'starting'} ({left})")
-            rc = self._trainer_process(
-                name, cfg["stage"], cfg_path, resume, stable, used, clock_path, threads
-            )
+            for retry in range(DIVERGENCE_RETRIES + 1):
+                rc = self._trainer_process(
+                    name, cfg["stage"], cfg_path, resume, stable, _clock(clock_path), clock_path, threads
+                )
+                diverged = None if rc == 0 else _divergence(run_dir)
+                if diverged is None or retry == DIVERGENCE_RETRIES:
+                    break
+                # The trainer set the blown-up checkpoints aside; the same seed would replay the
+                # same steps from the healthy one, so the stage goes on with the next seed.
+                cfg = {**cfg, "seed": int(cfg["seed"]) + 1}
+                cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+                self.log(
+                    f"{name}: {diverged}; going on from its last healthy checkpoint with seed {cfg['seed']}"
+                )
+                resume = True
             if rc not in (0, 130, -signal.SIGTERM, 128 + signal.SIGTERM):
                 raise RecipeError(
                     f"stage {name} failed (exit code {rc})",
@@ -1008,6 +1029,14 @@ def _parser() -> argparse.ArgumentParser:
         help="CFG scale of the teacher's step-distillation targets; > 1 gives a 4-step model that "
         "needs no CFG (default %(default)s)",
     )
+    p.add_argument(
+        "--teacher-steps-for-targets",
+        type=int,
+        default=RecipeConfig.teacher_steps_for_targets,
+        help="teacher Euler steps over the 4 student steps that make step distillation's targets: 8 = "
+        "two per student step (default %(default)s), 4 = its guided velocity at the student's own "
+        "points (guidance distillation on the 4-step path)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of a stage that runs alone")
     p.add_argument(
         "--pair-threads", type=int, default=1, help="threads of each student when the two run side by side"
@@ -1071,6 +1100,17 @@ def config_from_args(argv: Sequence[str]) -> RecipeConfig:
 _FIELD_OF_OPTION = {"no_ablation": "ablation", "sequential": "parallel"}  # same-named: their own field
 
 
+def _divergence(run_dir: Path) -> str | None:
+    """The trainer's message when its last run in ``run_dir`` stopped because the loss diverged."""
+    events = run_dir / "events.jsonl"
+    if not events.is_file():
+        return None
+    lines = events.read_text().strip().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    message = str(last.get("message", ""))
+    return message if last.get("kind") == "error" and message.startswith("training diverged") else None
+
+
 def _given_options(argv: Sequence[str]) -> set[str]:
     """The dests of the options that ``argv`` sets, whatever their value (defaults suppressed)."""
     parser = _parser()
@@ -1092,6 +1132,7 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
         flow_shift=args.flow_shift,
         cooldown_fraction=args.cooldown_fraction,
         step_distill_guidance=args.step_distill_guidance,
+        teacher_steps_for_targets=args.teacher_steps_for_targets,
         threads=args.threads,
         pair_threads=args.pair_threads,
         classifier=args.classifier,
