@@ -68,12 +68,8 @@ def commit(root: Path, tmp: Path, step: int, state: dict[str, Any], keep: int) -
     if final.exists():  # a rerun of the same step (resume after a crash right after writing)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    pointer = root / f".{LATEST_FILE}.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / LATEST_FILE)
-    _fsync_dir(root)
-    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
-    for old in complete[:-keep]:
+    _point_latest(root, final)
+    for old in _complete(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -98,8 +94,24 @@ def latest(root: Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if (candidate / STATE_FILE).exists():
             return candidate
-    complete = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+    complete = _complete(root)
     return complete[-1] if complete else None
+
+
+def _complete(root: Path) -> list[Path]:
+    """The complete checkpoint directories under ``root``, oldest first."""
+    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
+
+
+def _point_latest(root: Path, checkpoint: Path | None) -> None:
+    """Replace ``latest`` atomically with ``checkpoint``'s name (remove it for None)."""
+    if checkpoint is None:
+        (root / LATEST_FILE).unlink(missing_ok=True)
+    else:
+        pointer = root / f".{LATEST_FILE}.tmp"
+        pointer.write_text(checkpoint.name + "\n")
+        os.replace(pointer, root / LATEST_FILE)
+    _fsync_dir(root)
 
 
 def read_group(path: Path, name: str) -> dict[str, torch.Tensor]:
@@ -178,19 +190,13 @@ def set_aside(root: Path, from_step: int) -> list[Path]:
     """Rename every complete checkpoint of ``from_step`` or later to ``diverged-step-...`` (kept, never
     resumed from) and point ``latest`` at the newest one left (or remove it). Returns the new paths."""
     moved = []
-    for path in sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists()):
+    for path in _complete(root):
         if int(path.name.removeprefix("step-")) >= from_step:
             target = root / f"diverged-{path.name}"
             if target.exists():
                 shutil.rmtree(target)
             os.rename(path, target)
             moved.append(target)
-    remaining = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists())
-    if remaining:
-        pointer = root / f".{LATEST_FILE}.tmp"
-        pointer.write_text(remaining[-1].name + "\n")
-        os.replace(pointer, root / LATEST_FILE)
-    else:
-        (root / LATEST_FILE).unlink(missing_ok=True)
-    _fsync_dir(root)
+    remaining = _complete(root)
+    _point_latest(root, remaining[-1] if remaining else None)
     return moved
