@@ -187,6 +187,28 @@ def test_make_subset_links_the_first_images(tmp_path: Path) -> None:
     assert (target / "00000002.png").is_symlink() and not (target / "00000003.png").exists()
 
 
+def test_step_distillation_can_learn_the_kd_students_own_trajectories(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """``step_distill_targets_from`` "student": the frozen KD student, not the teacher, makes the
+    targets (and carries the discriminator's heads); the stage trains and finishes as usual."""
+    import shutil
+
+    recipe, _ = recipe_run
+    for part in ("dataset", "autoencoder", "text-init", "cache", "teacher", "distill"):
+        if (recipe.out / part).exists():
+            shutil.copytree(recipe.out / part, tmp_path / part, symlinks=True)
+    lines: list[str] = []
+    cfg = recipe.cfg.replace(out=str(tmp_path), step_distill_targets_from="student")
+    Recipe(cfg, log=lines.append).run(["step_distill"])
+    saved = json.loads((tmp_path / "configs" / "step_distill.json").read_text())
+    assert saved["teacher"]["path"] == str(tmp_path / "distill" / "final" / "unet")
+    assert saved["model"]["unet_path"] == saved["teacher"]["path"]
+    assert (tmp_path / "step_distill" / "final" / "unet").is_dir()
+    original = json.loads((recipe.out / "configs" / "step_distill.json").read_text())
+    assert original["teacher"]["path"] == str(recipe.out / "teacher" / "final" / "unet")
+
+
 def test_config_rejects_unknown_stage_minutes() -> None:
     from snapgen_app.errors import SnapGenError
 
@@ -195,6 +217,8 @@ def test_config_rejects_unknown_stage_minutes() -> None:
     for steps in (2, 6):  # fewer teacher steps than the student's 4, or not the same number per step
         with pytest.raises(SnapGenError, match="teacher_steps_for_targets"):
             RecipeConfig(teacher_steps_for_targets=steps)
+    with pytest.raises(SnapGenError, match="step_distill_targets_from"):
+        RecipeConfig(step_distill_targets_from="ablation")
 
 
 def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
@@ -219,6 +243,8 @@ def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     assert other.autoencoder_preset == "emoji-c8"
     targets = config_from_args(["--out", str(tmp_path / "new"), "--teacher-steps-for-targets", "4"])
     assert targets.teacher_steps_for_targets == 4 and fresh.teacher_steps_for_targets == 8
+    own = config_from_args(["--out", str(tmp_path / "new"), "--step-distill-targets-from", "student"])
+    assert own.step_distill_targets_from == "student" and fresh.step_distill_targets_from == "teacher"
 
 
 def test_the_builtin_classifier_scores_a_run_of_its_own_classes_and_font(

@@ -126,6 +126,11 @@ class RecipeConfig(ConfigBase):
     # at 1 (40 prompts: weak evidence) with the right background colour in 100 % at 3.
     flow_shift: float = 3.0
     teacher_steps_for_targets: int = 8  # teacher Euler steps per 4-step trajectory (2 per student step)
+    # The network whose guided trajectories step distillation learns: "teacher" (the paper's, the
+    # default) or "student" (the frozen KD student itself under CFG). Distilled into itself, a 55-min
+    # teacher lost 1.5-3.5 points single-object to its own 4-step CFG sampling; the KD student learning
+    # the teacher's trajectories lost 7-10 (docs/training.md, session 20). Not yet compared on one student.
+    step_distill_targets_from: str = "teacher"
     adv_weight: float = 0.1
     # CFG of the teacher's step-distillation targets: 1 = unguided (the student then needs CFG, two
     # network calls per step); > 1 bakes guidance into the 4-step student (one call per step, as the
@@ -176,6 +181,12 @@ class RecipeConfig(ConfigBase):
             "teacher_steps_for_targets",
             "must be a multiple of the student's 4 steps",
             allowed="4, 8, 12, ...",
+        )
+        require(
+            self.step_distill_targets_from in ("teacher", "student"),
+            "step_distill_targets_from",
+            f"unknown model {self.step_distill_targets_from!r}",
+            allowed="teacher, student",
         )
         require(0.0 <= self.cooldown_fraction <= 0.5, "cooldown_fraction", "must be in [0, 0.5]")
 
@@ -461,7 +472,9 @@ class Recipe:
         self.run_trainer("ablation", cfg, self.cfg.minutes("distill"), threads=threads)
 
     def stage_step_distill(self, threads: int | None = None) -> None:
-        distill, teacher = self.final("distill"), self.final("teacher")
+        distill = self.final("distill")
+        # The KD student reads the teacher's frozen text projections, so either model reads its tokens.
+        teacher = distill if self.cfg.step_distill_targets_from == "student" else self.final("teacher")
         cfg = self.train_config(
             "step_distill",
             stage="step-distill",
@@ -1037,6 +1050,13 @@ def _parser() -> argparse.ArgumentParser:
         "two per student step (default %(default)s), 4 = its guided velocity at the student's own "
         "points (guidance distillation on the 4-step path)",
     )
+    p.add_argument(
+        "--step-distill-targets-from",
+        choices=("teacher", "student"),
+        default=RecipeConfig.step_distill_targets_from,
+        help="whose guided trajectories step distillation learns: the teacher's (default) or the "
+        "frozen KD student's own",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of a stage that runs alone")
     p.add_argument(
         "--pair-threads", type=int, default=1, help="threads of each student when the two run side by side"
@@ -1133,6 +1153,7 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
         cooldown_fraction=args.cooldown_fraction,
         step_distill_guidance=args.step_distill_guidance,
         teacher_steps_for_targets=args.teacher_steps_for_targets,
+        step_distill_targets_from=args.step_distill_targets_from,
         threads=args.threads,
         pair_threads=args.pair_threads,
         classifier=args.classifier,

@@ -318,7 +318,8 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         + f"; the recipe's default is {default_budget:.0f} min). Flow matching (x_t = (1-t) x0 + t eps,",
         f"v = eps - x0), logit-normal t, timestep shift {d.shift:g}, bf16 autocast, CFG dropout 10 % (dropped prompt =",
         f'embedding of ""), batch {cfg.batch_size}, AdamW, EMA {cfg.ema_decay}. Distillation: output + feature KD with',
-        "the paper's timestep-aware scaling; step distillation: 4 Euler steps, targets = the teacher's",
+        "the paper's timestep-aware scaling; step distillation: 4 Euler steps, targets = the "
+        + ("teacher's" if cfg.step_distill_targets_from == "teacher" else "frozen KD student's own"),
         f"{cfg.teacher_steps_for_targets}-step Euler path over each interval"
         + (
             f" under CFG {cfg.step_distill_guidance:g} (guidance baked in: the 4-step student needs no CFG,"
