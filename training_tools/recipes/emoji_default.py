@@ -88,6 +88,8 @@ CALIBRATION_PROMPT_COUNT = 8  # int8 calibration trajectories (training captions
 # A stage whose loss diverges goes on from its last healthy checkpoint with the next seed, this often
 # (training_tools.divergence; a teacher run at lr 1e-3 in bf16 blew up at step 2000 in session 19).
 DIVERGENCE_RETRIES = 2
+# Whose guided trajectories step distillation may learn (RecipeConfig.step_distill_targets_from).
+TARGET_MODELS = ("teacher", "student")
 
 
 class RecipeError(TrainingError):
@@ -183,10 +185,10 @@ class RecipeConfig(ConfigBase):
             allowed="4, 8, 12, ...",
         )
         require(
-            self.step_distill_targets_from in ("teacher", "student"),
+            self.step_distill_targets_from in TARGET_MODELS,
             "step_distill_targets_from",
             f"unknown model {self.step_distill_targets_from!r}",
-            allowed="teacher, student",
+            allowed=", ".join(TARGET_MODELS),
         )
         require(0.0 <= self.cooldown_fraction <= 0.5, "cooldown_fraction", "must be in [0, 0.5]")
 
@@ -1052,7 +1054,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--step-distill-targets-from",
-        choices=("teacher", "student"),
+        choices=TARGET_MODELS,
         default=RecipeConfig.step_distill_targets_from,
         help="whose guided trajectories step distillation learns: the teacher's (default) or the "
         "frozen KD student's own",
