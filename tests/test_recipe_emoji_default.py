@@ -44,6 +44,15 @@ def _config(out: Path) -> RecipeConfig:
     )
 
 
+def _copy_stages(recipe: Recipe, dest: Path, parts: tuple[str, ...]) -> None:
+    """Copy the finished parts of the module's recipe run into a new run folder (real copies)."""
+    import shutil
+
+    for part in parts:
+        if (recipe.out / part).exists():
+            shutil.copytree(recipe.out / part, dest / part, symlinks=True)
+
+
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recipe, list[str]]:
     out = tmp_path_factory.mktemp("recipe")
@@ -64,11 +73,8 @@ def test_a_stage_without_cooldown_is_finalised_at_the_step_it_reached(
     recipe_run: tuple[Recipe, list[str]], tmp_path: Path
 ) -> None:
     recipe, _ = recipe_run
-    import shutil
 
-    for part in ("dataset", "autoencoder", "text-init"):
-        if (recipe.out / part).exists():
-            shutil.copytree(recipe.out / part, tmp_path / part, symlinks=True)
+    _copy_stages(recipe, tmp_path, ("dataset", "autoencoder", "text-init"))
     lines: list[str] = []
     cfg = recipe.cfg.replace(out=str(tmp_path), cooldown_fraction=0.0)
     Recipe(cfg, log=lines.append).run(["dataset", "autoencoder", "teacher"])
@@ -84,14 +90,11 @@ def test_a_diverging_stage_goes_on_with_the_next_seed_a_bounded_number_of_times(
     """A teacher whose loss blows up (here: an absurd learning rate, so every try diverges) is
     resumed from its last healthy checkpoint with the next seed, DIVERGENCE_RETRIES times, then the
     recipe stops with the stage's error instead of training on a dead network."""
-    import shutil
 
     from training_tools.recipes.emoji_default import DIVERGENCE_RETRIES, RecipeError
 
     recipe, _ = recipe_run
-    for part in ("dataset", "autoencoder", "text-init"):
-        if (recipe.out / part).exists():
-            shutil.copytree(recipe.out / part, tmp_path / part, symlinks=True)
+    _copy_stages(recipe, tmp_path, ("dataset", "autoencoder", "text-init"))
     lines: list[str] = []
     cfg = recipe.cfg.replace(out=str(tmp_path), teacher_lr=1e30, stage_minutes={"teacher": 0.5})
     with pytest.raises(RecipeError, match="stage teacher failed"):
@@ -192,12 +195,9 @@ def test_step_distillation_can_learn_the_kd_students_own_trajectories(
 ) -> None:
     """``step_distill_targets_from`` "student": the frozen KD student, not the teacher, makes the
     targets (and carries the discriminator's heads); the stage trains and finishes as usual."""
-    import shutil
 
     recipe, _ = recipe_run
-    for part in ("dataset", "autoencoder", "text-init", "cache", "teacher", "distill"):
-        if (recipe.out / part).exists():
-            shutil.copytree(recipe.out / part, tmp_path / part, symlinks=True)
+    _copy_stages(recipe, tmp_path, ("dataset", "autoencoder", "text-init", "cache", "teacher", "distill"))
     lines: list[str] = []
     cfg = recipe.cfg.replace(out=str(tmp_path), step_distill_targets_from="student")
     Recipe(cfg, log=lines.append).run(["step_distill"])

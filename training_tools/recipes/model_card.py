@@ -327,7 +327,9 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
             if cfg.step_distill_guidance > 1
             else " (unguided teacher)"
         )
-        + f", + hinge GAN loss (weight {cfg.adv_weight}) with heads on the frozen teacher's features.",
+        + f", + hinge GAN loss (weight {cfg.adv_weight}) with heads on the frozen "
+        + ("teacher's" if cfg.step_distill_targets_from == "teacher" else "KD student's")
+        + " features.",
         f"Schedule: {schedule(cfg)}",
         "",
         _stage_rows(summary),
