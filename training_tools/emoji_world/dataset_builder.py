@@ -157,8 +157,9 @@ def build(
     save_classes(classes, out / CLASSES, seed=config.class_seed)
     chunks = list(_chunks(config.num_images, 250))
     if workers > 1:
-        # fork keeps the glyph cache; each worker renders its own sprites otherwise.
-        with multiprocessing.get_context("fork").Pool(
+        # Not fork: a fork of a process with threads (torch's, a test runner's) can copy a held lock
+        # and hang the worker (seen once in CI under load). Each worker renders its own sprites.
+        with multiprocessing.get_context("forkserver").Pool(
             workers, _init_worker, (config, classes, str(out))
         ) as pool:
             parts = pool.map(_write_chunk, chunks)
