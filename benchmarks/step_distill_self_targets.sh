@@ -12,7 +12,7 @@
 # RUN (default runs/emoji-v12) must have finished the recipe up to its KD student
 # (`--stages dataset,autoencoder,teacher,distill`). Results: RUN-targets.json (EmojiEval, 200 prompts
 # per category: both arms, the KD student at 4 steps with and without CFG, teacher and KD student at
-# 28 steps). About 40 min of training and 20 of evals on 2 cores.
+# 28 steps). About 40 min of training and 15 of evals on 2 cores (session 21: 14).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
