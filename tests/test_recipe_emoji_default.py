@@ -144,6 +144,11 @@ def test_stages_chain_into_a_step_distilled_checkpoint(recipe_run: tuple[Recipe,
         ]
         if stage != "step_distill":  # its few steps here are still in its 20-step warm-up
             assert rates[-1] < 0.5 * max(rates), (stage, rates)
+    # The stable phase's max_steps is a placeholder; its progress events count their ETA against
+    # the stage's minutes instead (the trainer got them as --max-minutes).
+    events = [json.loads(line) for line in (recipe.out / "teacher" / "events.jsonl").read_text().splitlines()]
+    stable = [e for e in events if e["kind"] == "progress" and e["total"] == 1_000_000]
+    assert stable and all(0 <= e["eta_s"] <= recipe.cfg.minutes("teacher") * 60 for e in stable)
     summary = recipe.summary()
     assert summary["teacher"]["steps"] == stage_info(recipe.out / "teacher")["steps"]
 

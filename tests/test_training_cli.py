@@ -95,6 +95,28 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path: Path, shapes: tuple[P
     assert read_events(Path(cfg.run_dir))[-1].kind == "finished"
 
 
+def test_snapgen_train_max_minutes_stops_saved_and_rejects_a_bad_budget(
+    tmp_path: Path, shapes: tuple[Path, Path]
+) -> None:
+    data, cache = shapes
+    cfg = base_config(tmp_path, data, cache, max_steps=100_000, log_every=1)
+    path = write_config(cfg, tmp_path / "cfg.json")
+    command = [sys.executable, "-m", "snapgen_app", "train", "pretrain", str(path), "--max-minutes"]
+    bad = subprocess.run(
+        [*command, "0"], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300
+    )
+    assert bad.returncode == 2 and "--max-minutes must be positive" in bad.stderr
+    assert not Path(cfg.run_dir).exists()
+    done = subprocess.run(
+        [*command, "0.03"], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300
+    )
+    assert done.returncode == 130, done.stderr
+    etas = [float(line.split(" eta ")[1].split()[0]) for line in done.stdout.splitlines() if " eta " in line]
+    assert etas and max(etas) <= 0.03  # minutes left of the budget, not of the 100,000 steps
+    assert "cancelled: stopped after step" in done.stdout
+    assert checkpoint.latest(Path(cfg.run_dir) / "checkpoints") is not None
+
+
 def _run(cfg: TrainConfig, **kwargs: object) -> dict:
     import contextlib
     import io

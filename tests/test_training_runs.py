@@ -81,6 +81,24 @@ def test_resume_continues_exactly(tmp_path: Path, shapes: tuple[Path, Path]) -> 
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_time_budget_stops_with_a_checkpoint_and_eta_counts_against_it(
+    tmp_path: Path, shapes: tuple[Path, Path]
+) -> None:
+    # A time-budgeted run (the recipe's stages, `snapgen train --max-minutes`) has a placeholder
+    # max_steps: the ETA must come from the time left, and the run must end saved, resumable.
+    data, cache = shapes
+    cfg = base_config(tmp_path, data, cache, max_steps=100_000, log_every=1)
+    with pytest.raises(Cancelled):
+        run_quietly(cfg, max_seconds=1.5)
+    progress = [e for e in read_events(Path(cfg.run_dir)) if e.kind == "progress"]
+    last = progress[-1].step
+    print(f"stopped at step {last}; ETAs {[round(e.eta_s or -1, 2) for e in progress[:3]]} ...")
+    assert 0 < last < 100_000
+    assert all(e.eta_s is not None and e.eta_s <= 1.5 for e in progress)
+    assert progress[-1].eta_s == 0.0
+    assert checkpoint.latest(Path(cfg.run_dir) / "checkpoints").name == f"step-{last:08d}"
+
+
 def _velocity_distance(
     student: SnapGenUNet, s_text: TextStep, teacher: torch.nn.Module, t_text: TextStep, latents: torch.Tensor
 ) -> float:

@@ -1,8 +1,9 @@
 """``python -m training_tools STAGE CONFIG.json [--dry-run] [--resume]``: one training run.
 
 Prints JSON-lines progress events on stdout (snapgen_app.progress encoding) and a one-line cause on
-stderr when it fails. Exit codes: 0 done, 1 failure, 2 bad config/usage, 130 stopped (SIGTERM or
---stop-after) with a checkpoint to resume from. Runs unchanged under ``accelerate launch``.
+stderr when it fails. Exit codes: 0 done, 1 failure, 2 bad config/usage, 130 stopped (SIGTERM,
+--stop-after or --max-minutes) with a checkpoint to resume from. Runs unchanged under
+``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run in the config's run_dir")
     parser.add_argument(
         "--stop-after", type=int, default=None, help="stop with a checkpoint after this many steps"
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop with a checkpoint once the training loop has run this long (ETA counts against it)",
     )
     parser.add_argument(
         "--device-tflops",
@@ -55,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.stage)
+        if args.max_minutes is not None and not args.max_minutes > 0:
+            raise UsageError(f"--max-minutes must be positive, got {args.max_minutes}")
         from training_tools.trainer import Trainer  # torch is imported only past argument checks
 
         trainer = Trainer(
@@ -62,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume=args.resume,
             dry_run=args.dry_run,
             stop_after=args.stop_after,
+            max_seconds=None if args.max_minutes is None else args.max_minutes * 60.0,
             device_tflops=args.device_tflops,
         )
         trainer.run()

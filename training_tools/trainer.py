@@ -129,6 +129,7 @@ class Trainer:
         resume: bool = False,
         dry_run: bool = False,
         stop_after: int | None = None,
+        max_seconds: float | None = None,
         device_tflops: float | None = None,
     ) -> None:
         self.cfg = cfg
@@ -136,6 +137,10 @@ class Trainer:
         self.resume = resume
         self.dry_run = dry_run
         self.stop_after = stop_after
+        # A time budget for this process's training loop: at the first step boundary past it the run
+        # stops with a checkpoint (like SIGTERM), and progress events count their ETA against it.
+        self.max_seconds = max_seconds
+        self._deadline: float | None = None
         self._stop_requested = False
         self.teardown_hung = False  # set by run() when the process group's teardown did not return
 
@@ -295,6 +300,8 @@ class Trainer:
         stream = batch_stream(cache, cfg.batch_size, cfg.seed, position, rank, world)
         eta = EtaEstimator(cfg.max_steps - step)
         started_at, window_start, window_samples = step, time.monotonic(), 0
+        if self.max_seconds is not None:
+            self._deadline = window_start + self.max_seconds
         ctx = _Context(
             cfg, accelerator, wrapped, parts, teacher, teacher_text, projector, disc, disc_wrapped, probe
         )
@@ -340,7 +347,7 @@ class Trainer:
                     "progress",
                     step=step,
                     total=cfg.max_steps,
-                    eta_s=eta.eta(step - started_at),
+                    eta_s=self._eta(eta, step - started_at),
                     data={
                         "loss": terms,
                         "lr": scheduler.get_last_lr()[0],
@@ -481,8 +488,17 @@ class Trainer:
         except ValueError:  # not the main thread (e.g. run inside a worker thread): no handler
             pass
 
+    def _eta(self, eta: EtaEstimator, done: int) -> float | None:
+        """Seconds left: from the steps to go, or from the time budget when that ends the run sooner."""
+        by_steps = eta.eta(done)
+        if self._deadline is None:
+            return by_steps
+        by_time = max(0.0, self._deadline - time.monotonic())
+        return by_time if by_steps is None else min(by_steps, by_time)
+
     def _should_stop(self, accelerator: Any, step: int) -> bool:
         stop = self._stop_requested or (self.stop_after is not None and step >= self.stop_after)
+        stop = stop or (self._deadline is not None and time.monotonic() >= self._deadline)
         if accelerator.num_processes > 1:  # every process must stop at the same step
             flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
             stop = bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -48,6 +48,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print only the memory/time estimate")
     parser.add_argument("--resume", action="store_true", help="continue the run in the config's run_dir")
     parser.add_argument(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="stop with a checkpoint after M minutes of training (continue later with --resume)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the trainer's JSON-lines events as they come"
     )
     parser.add_argument(
@@ -77,6 +83,8 @@ def trainer_command(args: argparse.Namespace) -> list[str]:
         command.append("--dry-run")
     if args.resume:
         command.append("--resume")
+    if args.max_minutes is not None:
+        command += ["--max-minutes", str(args.max_minutes)]
     if args.device_tflops:
         command += ["--device-tflops", str(args.device_tflops)]
     return command

@@ -653,6 +653,11 @@ class Recipe:
         argv = [sys.executable, "-m", "training_tools", stage, str(cfg_path)] + (
             ["--resume"] if resume else []
         )
+        if budget is not None:
+            # The trainer stops itself at the stage's time left, and its progress events count
+            # their ETA against it (its max_steps is a placeholder here); the SIGTERM below is the
+            # backstop, by the recipe's own clock.
+            argv += ["--max-minutes", f"{max(budget - used, 1.0) / 60:.4f}"]
         log_path = self.out / "logs" / f"{name}.log"
         events = self.out / name / "events.jsonl"
         offset = events.stat().st_size if events.is_file() else 0  # this process's events start here
