@@ -20,23 +20,8 @@ R=${1:-runs/emoji-v12}
 S="$R-sd-student"
 
 test -f "$R/distill/final/model_index.json" || { echo "$R has no KD student yet" >&2; exit 1; }
-if [ ! -d "$S" ]; then
-  mkdir -p "$S"
-  # Hard links of the finished stages; the files a recipe rewrites in place are real copies.
-  for x in dataset autoencoder cache text-init teacher distill clock; do
-    [ -e "$R/$x" ] && cp -al "$R/$x" "$S/$x"
-  done
-  rm -f "$S/cache/index.json" "$S"/clock/*.json
-  cp "$R/cache/index.json" "$S/cache/index.json"
-  cp "$R"/clock/*.json "$S/clock/"
-  $PY - "$R" "$S" <<'PY'
-import json, sys
-run, copy = sys.argv[1:]
-cfg = json.load(open(f"{run}/recipe.json"))
-cfg.update(out=copy, step_distill_targets_from="student")
-json.dump(cfg, open(f"{copy}/arm.json", "w"), indent=1)
-PY
-fi
+# Hard links of RUN's finished stages, its recipe with the student's own targets.
+[ -d "$S" ] || $PY benchmarks/copy_run.py "$R" "$S" --without step_distill --set step_distill_targets_from=student
 $PY -m training_tools.recipes.emoji_default --config "$S/arm.json" --stages step_distill
 $PY -m training_tools.recipes.emoji_default --out "$R" --stages step_distill
 

@@ -22,18 +22,11 @@ $PY -m training_tools.recipes.emoji_default --out "$P" --stage-minutes teacher="
 
 for arm in 8 4; do
   d=$(dirname "$P")/gd-sd$arm
-  rm -rf "$d"; mkdir -p "$d/distill"
-  # Hard links of the pilot's stages; the files a recipe rewrites in place are real copies.
-  for x in dataset autoencoder cache teacher; do cp -al "$P/$x" "$d/$x"; done
-  rm -f "$d/cache/index.json"; cp "$P/cache/index.json" "$d/cache/index.json"
-  cp -al "$P/teacher/final" "$d/distill/final"  # the student starts as the teacher
-  $PY - "$P" "$d" "$arm" "$ARM_MIN" <<'PY'
-import json, sys
-pilot, d, arm, minutes = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-cfg = json.load(open(f"{pilot}/recipe.json"))
-cfg.update(out=d, teacher_steps_for_targets=arm, threads=1, stage_minutes={"step_distill": minutes})
-json.dump(cfg, open(f"{d}/arm.json", "w"), indent=1)
-PY
+  rm -rf "$d"
+  $PY benchmarks/copy_run.py "$P" "$d" --without distill --without step_distill \
+      --set teacher_steps_for_targets=$arm --set threads=1 \
+      --set "stage_minutes={\"step_distill\": $ARM_MIN}"
+  mkdir -p "$d/distill"; cp -al "$P/teacher/final" "$d/distill/final"  # the student starts as the teacher
 done
 for arm in 8 4; do
   d=$(dirname "$P")/gd-sd$arm

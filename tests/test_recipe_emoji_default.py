@@ -20,6 +20,8 @@ from training_tools.emoji_world.curation import curate
 from training_tools.emoji_world.dataset_builder import BuildConfig, build
 from training_tools.recipes.emoji_default import Recipe, RecipeConfig, make_subset, stage_info
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _config(out: Path) -> RecipeConfig:
     return RecipeConfig(
@@ -175,6 +177,36 @@ def test_rerun_skips_finished_stages_and_finalises_a_stopped_one(
     assert stage_info(again.out / "distill")["steps"] == step
     assert not any("distill: starting" in line or "distill: resuming" in line for line in lines)
     assert (again.final("distill") / "model_index.json").is_file()
+
+
+def test_a_copied_run_trains_a_reopened_teacher_on_and_leaves_the_source_alone(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """benchmarks/copy_run.py --reopen teacher: the copy resumes the finished teacher from its last
+    checkpoint for the extra minutes and cools it down again; the source run is not touched."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("copy_run", ROOT / "benchmarks" / "copy_run.py")
+    assert spec is not None and spec.loader is not None
+    copy_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy_run)
+
+    recipe, _ = recipe_run
+    source_events = (recipe.out / "teacher" / "events.jsonl").read_bytes()
+    source_steps = stage_info(recipe.out / "teacher")["steps"]
+    minutes = {**recipe.cfg.stage_minutes, "teacher": recipe.cfg.minutes("teacher") + 0.05}
+    arm = copy_run.copy_run(recipe.out, tmp_path / "arm", {"stage_minutes": minutes}, reopen="teacher")
+    assert not (tmp_path / "arm" / "distill").exists()  # trained from the old teacher: left out
+    lines: list[str] = []
+    Recipe(RecipeConfig.from_dict(json.loads(arm.read_text())), log=lines.append).run(
+        ["dataset", "autoencoder", "teacher"]
+    )
+    assert any("teacher: resuming" in line for line in lines)
+    assert any("teacher: cooldown, " in line for line in lines)
+    assert stage_info(tmp_path / "arm" / "teacher")["steps"] > source_steps
+    assert (tmp_path / "arm" / "teacher" / "final" / "model_index.json").is_file()
+    assert (recipe.out / "teacher" / "events.jsonl").read_bytes() == source_events
+    assert stage_info(recipe.out / "teacher")["steps"] == source_steps
 
 
 def test_make_subset_links_the_first_images(tmp_path: Path) -> None:
