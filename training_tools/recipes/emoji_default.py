@@ -73,8 +73,9 @@ STAGES: tuple[str, ...] = (
 # extra 55 min bought about a point, inside the eval's noise, and made the recipe about 3 h 55 min
 # instead of about 3 h (session 18). ``--stage-minutes step_distill=75`` is the longer run.
 # Session 22: the teacher's curve goes on past 66 min (emoji-v12's teacher trained on to 96 min: 79.5 ->
-# 96.5 % single-object at 28 steps), but a KD student given the 36 min left follows it only to 82.5 %
-# (77 % of its overall score), so the split stays until a split that serves both is measured.
+# 96.5 % single-object at 28 steps). A KD student given the 36 min left follows it only to 82.5 %
+# (77 % of its overall score); given 66 min, to 89.0 % (87.0 at 4 steps with CFG), but 96 + 66 make
+# the recipe about 3 h 30. The split stays until one that serves both inside ~3 h is measured.
 DEFAULT_SHARES: dict[str, float] = {
     "autoencoder": 10 / 162,
     "teacher": 66 / 162,
