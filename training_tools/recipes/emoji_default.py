@@ -658,9 +658,10 @@ class Recipe:
             ["--resume"] if resume else []
         )
         if budget is not None:
-            # The trainer stops itself at the stage's time left, and its progress events count
-            # their ETA against it (its max_steps is a placeholder here); the SIGTERM below is the
-            # backstop, by the recipe's own clock.
+            # The stage's time left, so the trainer's progress events count their ETA against it
+            # (its max_steps is a placeholder here). The recipe's clock starts a little earlier (at
+            # the resume message, before the loop), so its SIGTERM below usually stops the run a
+            # few seconds first (session 22's logs); either stop is the same checkpoint and exit.
             argv += ["--max-minutes", f"{max(budget - used, 1.0) / 60:.4f}"]
         log_path = self.out / "logs" / f"{name}.log"
         events = self.out / name / "events.jsonl"
