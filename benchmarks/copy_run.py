@@ -7,7 +7,8 @@ the files a recipe rewrites in place (the cache's ``index.json``, the stage cloc
 ``DST/arm.json`` is SRC's ``recipe.json`` with ``out`` set to DST and each ``--set`` applied (values
 are JSON: ``--set threads=1 --set 'stage_minutes={"teacher": 96}'``); run the arm with
 ``python -m training_tools.recipes.emoji_default --config DST/arm.json --stages ...``.
-``--without STAGE`` leaves a stage (and its clock) out, so the arm trains it afresh.
+``--without STAGE`` leaves a stage (and its clock) out, so the arm trains it afresh. ``summary.json``
+keeps SRC's entries of the stages copied as they are.
 
 ``--reopen STAGE`` makes a finished training stage train on: a real copy of it without ``final/``,
 with its saved config back in the stable phase (no cooldown step) and its paths pointing into DST.
@@ -84,11 +85,23 @@ def copy_run(
                 raise SystemExit(
                     f"{path}: run_dir {run_dir} is not under {dst}; pass SRC as the run names it"
                 )
+    _copy_summary(src, dst, [s for s in kept if s != reopen])
     recipe = json.loads((src / "recipe.json").read_text())
     recipe.update(overrides, out=str(dst))
     arm = dst / "arm.json"
     arm.write_text(json.dumps(recipe, indent=1) + "\n")
     return arm
+
+
+def _copy_summary(src: Path, dst: Path, stages: list[str]) -> None:
+    """DST/summary.json with SRC's entries of the stages copied as they are (the model card's stage
+    table and autoencoder line read them); a reopened or left-out stage writes its own when it ends."""
+    if not (src / "summary.json").is_file():
+        return
+    summary = json.loads((src / "summary.json").read_text())
+    kept = {stage: summary[stage] for stage in stages if stage in summary}
+    if kept:
+        (dst / "summary.json").write_text(json.dumps(kept, indent=2) + "\n")
 
 
 def _override(item: str) -> tuple[str, object]:

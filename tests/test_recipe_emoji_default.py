@@ -201,6 +201,10 @@ def test_a_copied_run_trains_a_reopened_teacher_on_and_leaves_the_source_alone(
     minutes = {**recipe.cfg.stage_minutes, "teacher": extra}
     arm = copy_run.copy_run(recipe.out, tmp_path / "arm", {"stage_minutes": minutes}, reopen="teacher")
     assert not (tmp_path / "arm" / "distill").exists()  # trained from the old teacher: left out
+    source_summary = recipe.summary()
+    copied = json.loads((tmp_path / "arm" / "summary.json").read_text())
+    assert copied["autoencoder"] == source_summary["autoencoder"]  # linked as is: its entry too
+    assert "teacher" not in copied and "distill" not in copied  # reopened / left out: written anew
     lines: list[str] = []
     Recipe(RecipeConfig.from_dict(json.loads(arm.read_text())), log=lines.append).run(
         ["dataset", "autoencoder", "teacher"]
@@ -209,6 +213,9 @@ def test_a_copied_run_trains_a_reopened_teacher_on_and_leaves_the_source_alone(
     assert any("teacher: cooldown, " in line for line in lines)
     assert stage_info(tmp_path / "arm" / "teacher")["steps"] > source_steps
     assert (tmp_path / "arm" / "teacher" / "final" / "model_index.json").is_file()
+    arm_summary = json.loads((tmp_path / "arm" / "summary.json").read_text())
+    assert arm_summary["autoencoder"] == source_summary["autoencoder"]
+    assert arm_summary["teacher"]["steps"] > source_steps
     assert (recipe.out / "teacher" / "events.jsonl").read_bytes() == source_events
     assert stage_info(recipe.out / "teacher")["steps"] == source_steps
 
