@@ -192,6 +192,15 @@ class FeedForward(nn.Module):
         if self.gate_halves is not None:
             value, gate = self.gate_halves
             return self.proj_out(value(x) * F.gelu(gate(x)))
+        if self.gated and type(self.proj_in) is nn.Linear:
+            # The halves' rows as two linears: the same numbers as chunking one output, but no
+            # strided half-views for the GELU and the product to walk (a CPU training step of the
+            # emoji presets, bf16: the FFN at 16x16 tokens 14.2 -> 11.0 ms forward + backward).
+            inner = self.proj_out.in_features
+            weight, bias = self.proj_in.weight, self.proj_in.bias
+            value = F.linear(x, weight[:inner], None if bias is None else bias[:inner])
+            gate = F.linear(x, weight[inner:], None if bias is None else bias[inner:])
+            return self.proj_out(value * F.gelu(gate))
         h = self.proj_in(x)
         if self.gated:
             h, gate = h.chunk(2, dim=-1)
