@@ -155,7 +155,10 @@ class FeedForward(nn.Module):
     :meth:`split_gate` (used by the ONNX export, not a config field) gives the GEGLU's value and gate
     halves their own linears, copies of the halves of ``proj_in``: the same numbers, but the exported
     graph has two weight MatMuls with constant weights (each quantizable) and no Slice passes over the
-    widest activation of the network (about 5 % of an int8 UNet step at 1024 px on a CPU).
+    widest activation of the network (about 5 % of an int8 UNet step at 1024 px on a CPU). Unsplit,
+    a plain ``nn.Linear`` GEGLU runs the same two linears on row views of ``proj_in`` (no copies, so
+    training updates the one weight); the export needs the copies, whose weights trace as constants
+    rather than as Slice nodes on a weight.
     """
 
     def __init__(self, dim: int, cfg: UNetConfig) -> None:
