@@ -99,7 +99,7 @@ class FineTuneRequest:
     sample_every: int = 0
     sample_steps: int = 8
     cpu_threads: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"  # "auto": bf16 where the CPU computes in it
 
     def __post_init__(self) -> None:
         try:

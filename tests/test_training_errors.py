@@ -140,6 +140,7 @@ def test_snapgen_t2i_at_1024_px_is_estimated_and_refused_on_a_small_device(tmp_p
             "data": {"path": str(tmp_path), "resolution": 1024},
             "batch_size": 1,
             "max_memory_gb": 8.0,
+            "mixed_precision": "bf16",  # the estimate below is bf16's ("auto" takes fp32 on a CPU without bf16)
             "model": {
                 "unet_preset": "snapgen-t2i",
                 "autoencoder_preset": "snapgen-tiny",

@@ -40,6 +40,7 @@ from snapgen_app.model.autoencoder import SnapGenAutoencoder, autoencoder_preset
 from training_tools import checkpoint as ckpt
 from training_tools.data import scan_folder
 from training_tools.events import EventWriter
+from training_tools.precision import cpu_has_fast_bf16
 
 STAGE = "autoencoder"
 
@@ -70,7 +71,7 @@ class AutoencoderTrainConfig(ConfigBase):
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 2
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast where this CPU computes in bf16 (training_tools.precision), else fp32
     checkpoint_minutes: float = 3.0
 
     def validate(self) -> None:
@@ -267,6 +268,14 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, run_dir: str | Path, *, resum
         step=step,
         message=f"autoencoder {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {cfg.minutes} min",
     )
+    use_bf16 = cfg.bf16 and cpu_has_fast_bf16()
+    events.emit(
+        "log",
+        step=step,
+        message="precision: "
+        + ("bf16 autocast" if use_bf16 else "fp32" + (" (this CPU has no bf16 kernels)" if cfg.bf16 else "")),
+        data={"bf16": use_bf16},
+    )
     while elapsed < budget and not (cfg.max_steps and step >= cfg.max_steps):
         fraction = step / cfg.max_steps if cfg.max_steps else elapsed / budget
         full = fraction >= 1.0 - cfg.full_fraction
@@ -275,7 +284,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, run_dir: str | Path, *, resum
         batch = images[idx] if full else random_crops(images[idx], cfg.crop, gen)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, fraction, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             loss, terms = reconstruction_loss(model, to_float(batch), cfg)
         if not math.isfinite(float(loss)):
             raise TrainingError(f"autoencoder loss became {float(loss)} at step {step}", hint="lower --lr")

@@ -253,7 +253,8 @@ class TrainConfig(ConfigBase):
     seed: int = 0
     batch_size: int = 8
     max_steps: int = 1000
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    # "auto": bf16 autocast on GPUs and on CPUs with bf16 kernels, fp32 on other CPUs (precision.py).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     data: DataConfig = DataConfig()
     model: ModelSourceConfig = ModelSourceConfig()
     teacher: TeacherConfig = TeacherConfig()

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from training_tools.precision import resolve_precision
+
 GIB = 1024**3
 RUNTIME_OVERHEAD_BYTES = GIB // 2
 EFFICIENCY = 0.4
@@ -258,7 +260,7 @@ def estimate_run(cfg: Any, device: torch.device, device_tflops: float | None = N
     check_latent_space(channels, ucfg)
     side = cfg.data.resolution // factor
     tokens, context_dim, pooled_dim = _text_shape(cfg)
-    dtype = torch.float32 if cfg.mixed_precision == "no" else torch.bfloat16
+    dtype = torch.float32 if resolve_precision(cfg.mixed_precision, device)[0] == "no" else torch.bfloat16
     use_pooled = ucfg.pooled_dim > 0
 
     def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -55,6 +55,7 @@ from training_tools.models import (
     merge_lora,
     save_final,
 )
+from training_tools.precision import resolve_precision
 from training_tools.rundir import prepare_run_dir
 from training_tools.samples import sampling_shift, write_samples
 from training_tools.teachers import Feature, Teacher
@@ -145,6 +146,7 @@ class Trainer:
         self._deadline: float | None = None
         self._stop_requested = False
         self.teardown_hung = False  # set by run() when the process group's teardown did not return
+        self.precision, self.precision_reason = "", ""  # set with the accelerator (precision.py)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -152,9 +154,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
-        precision = self.cfg.mixed_precision
-        if precision == "fp16" and not torch.cuda.is_available():
-            precision = "bf16"  # fp16 autocast needs a GPU; bf16 runs on CPUs
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        precision, self.precision_reason = resolve_precision(self.cfg.mixed_precision, device)
+        self.precision = precision
         return Accelerator(
             mixed_precision=precision,
             gradient_accumulation_steps=self.cfg.optim.grad_accum,
@@ -218,6 +220,11 @@ class Trainer:
         events = EventWriter(cfg.stage, run_dir / "events.jsonl", enabled=main)
         events.emit(
             "started", total=cfg.max_steps, message=_estimate_message(est), data={"estimate": est.as_dict()}
+        )
+        events.emit(
+            "log",
+            message=f"precision: {self.precision_reason}",
+            data={"mixed_precision": self.precision, "requested": cfg.mixed_precision},
         )
         try:
             return self._train(accelerator, run_dir, events, est)

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from snapgen_app.config import ConfigBase, require
 from snapgen_app.errors import ConfigError, SnapGenError
+from training_tools.precision import cpu_has_fast_bf16
 
 from .compose import make_scene, sample_request
 from .curation import EmojiClass, curate, load_classes, save_classes
@@ -201,7 +202,7 @@ class TrainSettings:
     batch_size: int = 128
     lr: float = 3e-3
     threads: int = 1  # on a shared 2-core CPU, 2 threads ran ~10x slower than 1 (contention)
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast where this CPU computes in bf16 (training_tools.precision)
 
 
 def _log(message: str) -> None:
@@ -282,6 +283,7 @@ def train_classifier(
     total_steps = settings.epochs * steps_per_epoch if settings.epochs else None
     budget = settings.minutes * 60.0
     warmup_steps = min(50, max(1, total_steps // 5)) if total_steps else 50
+    use_bf16 = settings.bf16 and cpu_has_fast_bf16()
     train_start, step, samples = time.perf_counter(), 0, 0
     while True:
         elapsed = time.perf_counter() - train_start
@@ -299,7 +301,7 @@ def train_classifier(
         ]
         model.train()
         x = _batch_augment(x_all[idx], generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             loss = F.cross_entropy(model(x).float(), y_all[idx], label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -324,7 +326,7 @@ def train_classifier(
         "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
         "train_seconds": round(train_seconds, 1),
         "data_seconds": round(data_seconds, 1),
-        "bf16": settings.bf16,
+        "bf16": use_bf16,
         "threads": settings.threads,
     }
     return model, metrics

@@ -424,7 +424,7 @@ class Recipe:
             "seed": c.seed,
             "batch_size": c.batch_size,
             "max_steps": 1_000_000,  # time-budgeted: stopped on time, then finalised at the step reached
-            "mixed_precision": "bf16",
+            "mixed_precision": "auto",  # bf16 where the CPU computes in bf16, else fp32 (precision.py)
             "data": {
                 "path": str(self.denoiser_data),
                 "resolution": 128,
@@ -961,8 +961,8 @@ def _dir_bytes(path: Path) -> int:
 
 
 def stage_info(run_dir: Path) -> dict[str, Any]:
-    """Steps, samples, mean samples/s and last losses of a trainer run (from its events.jsonl)."""
-    steps, rates, loss, batch = 0, [], {}, 0
+    """Precision, steps, samples, mean samples/s and last losses of a trainer run (from its events.jsonl)."""
+    steps, rates, loss, batch, precision = 0, [], {}, 0, None
     cfg_path = run_dir / "train_config.json"
     if cfg_path.is_file():
         batch = int(json.loads(cfg_path.read_text()).get("batch_size", 0))
@@ -975,7 +975,10 @@ def stage_info(run_dir: Path) -> dict[str, Any]:
             if "samples_per_s" in data:
                 rates.append(float(data["samples_per_s"]))
             loss = data.get("loss", loss)
+        elif event.get("kind") == "log" and "mixed_precision" in event.get("data", {}):
+            precision = event["data"]["mixed_precision"]
     return {
+        "precision": precision,
         "steps": steps,
         "samples": steps * batch,
         "samples_per_s": round(sum(rates) / len(rates), 2) if rates else None,

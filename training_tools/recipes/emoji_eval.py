@@ -22,7 +22,8 @@ from training_tools.emoji_world.eval import GenerateFn, evaluate, load_classifie
 def checkpoint_generator(
     checkpoint: Path, steps: int, guidance: float, *, threads: int = 2, resolution: int = 128
 ) -> GenerateFn:
-    """Euler sampling (with CFG when ``guidance`` > 1) of a checkpoint's EMA UNet, bf16 autocast.
+    """Euler sampling (with CFG when ``guidance`` > 1) of a checkpoint's EMA UNet, bf16 autocast
+    where the CPU computes in bf16.
 
     Noise: one seeded torch generator per image (batch-independent); shift from model_index.json.
     """
@@ -32,9 +33,11 @@ def checkpoint_generator(
     from snapgen_app.model.text_encoders import TextConditioner
     from snapgen_app.model.unet import SnapGenUNet
     from training_tools import flow
+    from training_tools.precision import autocast_bf16
     from training_tools.samples import make_denoiser, seeded_noise
 
     torch.set_num_threads(threads)
+    bf16 = autocast_bf16()  # fp32 on a CPU without bf16 kernels (training_tools.precision)
     index = json.loads((checkpoint / "model_index.json").read_text())
     shift = recorded_shift(index) or 1.0
     unet = SnapGenUNet.from_pretrained(str(checkpoint / "unet"), use_safetensors=True).eval()
@@ -50,7 +53,7 @@ def checkpoint_generator(
     def generate(texts: list[str], seeds: list[int]) -> list[np.ndarray]:
         tokens, pooled = text.encode(texts)
         uncond = text.unconditional(len(texts)) if guidance > 1.0 else None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             den = make_denoiser(
                 unet,
                 tokens,

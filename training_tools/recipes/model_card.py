@@ -254,6 +254,18 @@ def stage_budgets(cfg: RecipeConfig) -> dict[str, float]:
     return {stage: round(cfg.minutes(stage), 1) for stage in DEFAULT_SHARES}
 
 
+def _precision_words(summary: dict[str, Any]) -> str:
+    """How the denoisers' stages computed: their trainers log it (runs before session 24 did not; they
+    ran under bf16 autocast)."""
+    used = {(summary.get(stage) or {}).get("precision") for stage in ("teacher", "distill", "step_distill")}
+    used.discard(None)
+    if not used or used == {"bf16"}:
+        return "bf16 autocast"
+    if used == {"no"}:
+        return "fp32 (this CPU has no bf16 kernels)"
+    return "mixed precision per stage: " + ", ".join(sorted(used))
+
+
 def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[str, Any]) -> str:
     """The card's markdown text."""
     from training_tools.recipes.emoji_default import RecipeConfig
@@ -316,7 +328,7 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         f"Budget of this run: {budget:.0f} min of training wall time ("
         + ", ".join(f"{stage} {minutes:g}" for stage, minutes in budgets.items())
         + f"; the recipe's default is {default_budget:.0f} min). Flow matching (x_t = (1-t) x0 + t eps,",
-        f"v = eps - x0), logit-normal t, timestep shift {d.shift:g}, bf16 autocast, CFG dropout 10 % (dropped prompt =",
+        f"v = eps - x0), logit-normal t, timestep shift {d.shift:g}, {_precision_words(summary)}, CFG dropout 10 % (dropped prompt =",
         f'embedding of ""), batch {cfg.batch_size}, AdamW, EMA {cfg.ema_decay}. Distillation: output + feature KD with',
         "the paper's timestep-aware scaling; step distillation: 4 Euler steps, targets = the "
         + ("teacher's" if cfg.step_distill_targets_from == "teacher" else "frozen KD student's own"),
