@@ -40,7 +40,7 @@ from snapgen_app.model.autoencoder import SnapGenAutoencoder, autoencoder_preset
 from training_tools import checkpoint as ckpt
 from training_tools.data import scan_folder
 from training_tools.events import EventWriter
-from training_tools.precision import cpu_has_fast_bf16
+from training_tools.precision import cpu_has_fast_bf16, cpu_words
 
 STAGE = "autoencoder"
 
@@ -273,7 +273,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, run_dir: str | Path, *, resum
         "log",
         step=step,
         message="precision: "
-        + ("bf16 autocast" if use_bf16 else "fp32" + (" (this CPU has no bf16 kernels)" if cfg.bf16 else "")),
+        + ("bf16 autocast" if use_bf16 else "fp32" if not cfg.bf16 else cpu_words("no")),
         data={"bf16": use_bf16},
     )
     while elapsed < budget and not (cfg.max_steps and step >= cfg.max_steps):
