@@ -262,7 +262,10 @@ def _generate(
         else defaults.guidance_scale,
         precision=precision,
     )
-    options = RuntimeOptions(intra_op_threads=request.threads or 0)
+    options = RuntimeOptions(
+        intra_op_threads=request.threads or 0,
+        optimized_cache=str(store_home() / "cache" / "onnxruntime"),
+    )
     loaded, was_cached = load_pipeline(root, precision, providers, options)
     pipeline = loaded.pipeline
     steps, width, height = int(resolved.steps or 0), int(resolved.width or 0), int(resolved.height or 0)

@@ -4,6 +4,7 @@ metadata, and one clear error for each bad input with nothing written."""
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +62,17 @@ def _files(folder: Path) -> list[str]:
 # -- reproducibility ------------------------------------------------------------------------------
 
 
+def _optimized_graphs() -> list[Path]:
+    return sorted((Path(os.environ["SNAPGEN_HOME"]) / "cache" / "onnxruntime").glob("*.onnx"))
+
+
 def test_same_seed_gives_byte_identical_png(bundle: Path, tmp_path: Path) -> None:
+    service.clear_cache()
     first = service.generate(_request(bundle, tmp_path, output_paths=(str(tmp_path / "a.png"),)))
-    service.clear_cache()  # fresh sessions must give the same bytes too
+    # The first sessions saved their optimized graphs; fresh sessions load those (another process
+    # would too) and must give the same bytes.
+    assert len(_optimized_graphs()) == 3  # text encoder, UNet, decoder
+    service.clear_cache()
     second = service.generate(_request(bundle, tmp_path, output_paths=(str(tmp_path / "b" / "b.png"),)))
     other = service.generate(_request(bundle, tmp_path, seed=8, output_paths=(str(tmp_path / "c.png"),)))
     a, b = Path(first.images[0]).read_bytes(), Path(second.images[0]).read_bytes()
@@ -73,6 +82,51 @@ def test_same_seed_gives_byte_identical_png(bundle: Path, tmp_path: Path) -> Non
         "another seed, another image"
     )
     assert first.seeds == (7,) and first.images[0] == str(tmp_path / "a.png")
+
+
+def test_a_damaged_or_unwritable_graph_cache_changes_nothing(bundle: Path, tmp_path: Path) -> None:
+    service.clear_cache()
+    first = service.generate(_request(bundle, tmp_path, output_paths=(str(tmp_path / "a.png"),)))
+    graphs = _optimized_graphs()
+    for graph in graphs:
+        graph.write_bytes(b"half a graph")  # as a full disk or a crash might leave it
+    service.clear_cache()
+    rebuilt = service.generate(_request(bundle, tmp_path, output_paths=(str(tmp_path / "b.png"),)))
+    assert Path(rebuilt.images[0]).read_bytes() == Path(first.images[0]).read_bytes()
+    assert _optimized_graphs() == graphs and all(g.stat().st_size > 1000 for g in graphs)  # written again
+    # A cache folder that cannot be made (a file in its way): the sessions optimize in memory.
+    cache = Path(os.environ["SNAPGEN_HOME"]) / "cache"
+    for graph in graphs:
+        graph.unlink()
+    (cache / "onnxruntime").rmdir()
+    (cache / "onnxruntime").write_text("not a folder")
+    service.clear_cache()
+    plain = service.generate(_request(bundle, tmp_path, output_paths=(str(tmp_path / "c.png"),)))
+    assert Path(plain.images[0]).read_bytes() == Path(first.images[0]).read_bytes()
+    assert not list(cache.glob("*.partial")) and not list(cache.rglob("*.partial"))
+
+
+def test_the_graph_cache_keeps_the_recently_used_graphs_under_its_cap(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from snapgen_app.runtime import sessions
+
+    cache = Path(os.environ["SNAPGEN_HOME"]) / "cache" / "onnxruntime"
+    cache.mkdir(parents=True)
+    stale = cache / "unet.int8-0123456789abcdef.onnx"
+    stale.write_bytes(b"x" * 4096)
+    os.utime(stale, (1_000_000, 1_000_000))  # long unused
+    service.clear_cache()
+    service.generate(_request(bundle, tmp_path))
+    assert stale.exists()  # under the cap: nothing pruned
+    graphs = _optimized_graphs()
+    monkeypatch.setattr(sessions, "OPTIMIZED_CACHE_BYTES", sum(g.stat().st_size for g in graphs) - 1)
+    for graph in graphs:
+        if graph != stale:
+            graph.unlink()  # written again by the next load, which prunes
+    service.clear_cache()
+    service.generate(_request(bundle, tmp_path / "again"))
+    assert not stale.exists() and len(_optimized_graphs()) == 3
 
 
 def test_batch_of_n_equals_n_single_runs(bundle: Path, tmp_path: Path) -> None:

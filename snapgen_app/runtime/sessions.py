@@ -7,7 +7,12 @@ model raises :class:`BundleError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import logging
+import os
+import platform
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +42,9 @@ class RuntimeOptions:
     ``intra_op_threads``/``inter_op_threads``: 0 lets onnxruntime decide (one per physical core).
     ``cpu_mem_arena``: keep ORT's memory arena (faster repeated runs, higher peak memory).
     ``mem_pattern``: pre-plan buffers for fixed shapes. ``allow_spinning``: worker threads busy-wait
-    between ops (lower latency, burns CPU when the machine is shared).
+    between ops (lower latency, burns CPU when the machine is shared). ``optimized_cache``: a folder
+    where CPU sessions keep their optimized graphs, so the next process loads one instead of
+    optimizing again (see :func:`_create_session`); None = off.
     """
 
     intra_op_threads: int = 0
@@ -46,6 +53,7 @@ class RuntimeOptions:
     cpu_mem_arena: bool = True
     mem_pattern: bool = True
     allow_spinning: bool = True
+    optimized_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
@@ -194,18 +202,95 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+# Graph optimization is most of a CPU session's creation time: the built-in model's int8 UNet took
+# 0.67 s to load with ORT_ENABLE_ALL and 0.16 s as its saved optimized graph with optimization off,
+# and both ran the same numbers bit for bit (2-core AVX2 EPYC, onnxruntime 1.32; docs/training.md, session 24).
+# The saved graph may hold kernels fused for this CPU, so its key names the CPU, onnxruntime and every
+# option besides the model's bytes. Only plain CPU sessions of self-contained files use it.
+_CACHEABLE_LEVELS = ("extended", "all")
+OPTIMIZED_CACHE_BYTES = 2 * 1024**3  # the least recently used graphs go past this
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Delete the least recently used graphs of ``folder`` while it holds more than the cap."""
+    try:
+        graphs = sorted(folder.glob("*.onnx"), key=lambda g: g.stat().st_mtime, reverse=True)
+        total = 0
+        for graph in graphs:
+            total += graph.stat().st_size
+            if total > OPTIMIZED_CACHE_BYTES and graph != keep:
+                graph.unlink(missing_ok=True)
+    except OSError as exc:  # another process pruning at the same time, a read-only folder
+        log.info("optimized-graph cache not pruned: %s", exc)
+
+
+def _optimized_path(path: Path, providers: Sequence[str], options: RuntimeOptions) -> Path | None:
+    if options.optimized_cache is None or tuple(providers) != ("CPUExecutionProvider",):
+        return None
+    if options.graph_optimization not in _CACHEABLE_LEVELS or path.with_name(path.name + ".data").exists():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(f"|{ort.__version__}|{options!r}|{platform.machine()}|{_cpu_flags()}".encode())
+    return Path(options.optimized_cache) / f"{path.stem}-{digest.hexdigest()[:32]}.onnx"
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return hashlib.sha256(line.encode()).hexdigest()[:16]
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _create_session(path: Path, providers: Sequence[str], options: RuntimeOptions) -> ort.InferenceSession:
     if not path.is_file():
         raise BundleError(f"model file missing: {path}", hint="re-download or re-export the model")
-    try:
-        session = ort.InferenceSession(
-            str(path), sess_options=options.to_session_options(), providers=list(providers)
-        )
-    except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile... all untyped pybind errors
-        raise BundleError(
-            f"{path.name} is not a loadable ONNX model: {_first_line(exc)}",
-            hint="the file is damaged or not an ONNX model; re-download or re-export the model",
-        ) from exc
+    optimized = _optimized_path(path, providers, options)
+    if optimized is not None and optimized.is_file():
+        plain = options.to_session_options()
+        plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            session = ort.InferenceSession(str(optimized), sess_options=plain, providers=list(providers))
+            with contextlib.suppress(OSError):
+                os.utime(optimized)  # recently used: kept by _prune
+            return session
+        except Exception as exc:  # a damaged cache file: drop it and optimize the model again
+            log.warning(
+                "%s: cached optimized graph unusable (%s); rebuilding it", path.name, _first_line(exc)
+            )
+            optimized.unlink(missing_ok=True)
+    session = None
+    if optimized is not None:
+        # Written whole under a temporary name, then renamed: a crash leaves a .partial file, never
+        # half a graph; a cache folder that cannot be written only costs the saving.
+        partial = optimized.with_name(f"{optimized.name}.{os.getpid()}.partial")
+        try:
+            optimized.parent.mkdir(parents=True, exist_ok=True)
+            saving = options.to_session_options()
+            saving.optimized_model_filepath = str(partial)
+            session = ort.InferenceSession(str(path), sess_options=saving, providers=list(providers))
+            os.replace(partial, optimized)
+            _prune(optimized.parent, keep=optimized)
+        except Exception as exc:
+            log.info("optimized graph of %s not kept: %s", path.name, _first_line(exc))
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+    if session is None:
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=options.to_session_options(), providers=list(providers)
+            )
+        except Exception as exc:  # InvalidProtobuf, Fail, NoSuchFile... all untyped pybind errors
+            raise BundleError(
+                f"{path.name} is not a loadable ONNX model: {_first_line(exc)}",
+                hint="the file is damaged or not an ONNX model; re-download or re-export the model",
+            ) from exc
     used = session.get_providers()
     if providers and used and used[0] != providers[0]:
         log.warning("%s: %s could not be used, running on %s", path.name, providers[0], used[0])
