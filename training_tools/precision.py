@@ -60,8 +60,3 @@ def cpu_words(chosen: str) -> str:
     if chosen == "bf16":
         return "bf16 autocast (this CPU computes in bf16)"
     return "fp32 (this CPU has no bf16 kernels; bf16 would run several times slower)"
-
-
-def autocast_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether sampling or a small training loop on ``device`` should run under bf16 autocast."""
-    return resolve_precision("auto", device)[0] == "bf16"

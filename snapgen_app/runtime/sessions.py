@@ -206,7 +206,7 @@ def _first_line(exc: BaseException) -> str:
 # 0.67 s to load with ORT_ENABLE_ALL and 0.16 s as its saved optimized graph with optimization off,
 # and both ran the same numbers bit for bit (2-core AVX2 EPYC, onnxruntime 1.32; docs/training.md, session 24).
 # The saved graph may hold kernels fused for this CPU, so its key names the CPU, onnxruntime and every
-# option besides the model's bytes. Only plain CPU sessions of self-contained files use it.
+# option besides the model file. Only plain CPU sessions of self-contained files use it.
 _CACHEABLE_LEVELS = ("extended", "all")
 OPTIMIZED_CACHE_BYTES = 2 * 1024**3  # the least recently used graphs go past this
 
@@ -229,11 +229,11 @@ def _optimized_path(path: Path, providers: Sequence[str], options: RuntimeOption
         return None
     if options.graph_optimization not in _CACHEABLE_LEVELS or path.with_name(path.name + ".data").exists():
         return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(f"|{ort.__version__}|{options!r}|{platform.machine()}|{_cpu_flags()}".encode())
+    # The file by path, size and modification time (as SessionCache keys it; the bundle loader has
+    # checked its sha256 already), so a cache hit reads no model bytes twice.
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|{options!r}"
+    digest = hashlib.sha256(f"{key}|{platform.machine()}|{_cpu_flags()}".encode())
     return Path(options.optimized_cache) / f"{path.stem}-{digest.hexdigest()[:32]}.onnx"
 
 

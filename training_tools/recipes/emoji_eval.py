@@ -33,11 +33,11 @@ def checkpoint_generator(
     from snapgen_app.model.text_encoders import TextConditioner
     from snapgen_app.model.unet import SnapGenUNet
     from training_tools import flow
-    from training_tools.precision import autocast_bf16
+    from training_tools.precision import cpu_has_fast_bf16
     from training_tools.samples import make_denoiser, seeded_noise
 
     torch.set_num_threads(threads)
-    bf16 = autocast_bf16()  # fp32 on a CPU without bf16 kernels (training_tools.precision)
+    bf16 = cpu_has_fast_bf16()  # fp32 on a CPU without bf16 kernels (training_tools.precision)
     index = json.loads((checkpoint / "model_index.json").read_text())
     shift = recorded_shift(index) or 1.0
     unet = SnapGenUNet.from_pretrained(str(checkpoint / "unet"), use_safetensors=True).eval()
