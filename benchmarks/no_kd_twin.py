@@ -23,20 +23,26 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+if TYPE_CHECKING:
+    from training_tools.recipes.emoji_default import RecipeConfig
 
-def prepare(out: Path, steps: int, cooldown: float, autoencoder: Path) -> Path:
-    """Write the run folder; returns the ablation stage's config path."""
+
+def prepare(cfg: RecipeConfig, steps: int, cooldown: float, autoencoder: Path) -> Path:
+    """Write the run folder of ``cfg`` (the KD student's recipe; ``ablation`` is switched on);
+    returns the ablation stage's config path."""
     import torch
 
     from snapgen_app.model.autoencoder import SnapGenAutoencoder
-    from training_tools.recipes.emoji_default import Recipe, RecipeConfig
+    from training_tools.recipes.emoji_default import Recipe
 
-    cfg = RecipeConfig(out=str(out), ablation=True)
+    cfg = cfg.replace(ablation=True)
     recipe = Recipe(cfg)
+    out = recipe.out
     (out / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     recipe.stage_dataset()
     final = recipe.final("autoencoder")
@@ -75,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or not 0.0 <= args.cooldown < 1.0:
         p.error("--steps must be >= 1 and --cooldown in [0, 1)")
-    config = prepare(args.out, args.steps, args.cooldown, args.autoencoder)
+    from training_tools.recipes.emoji_default import RecipeConfig
+
+    config = prepare(RecipeConfig(out=str(args.out)), args.steps, args.cooldown, args.autoencoder)
     print(f"config: {config}")
     if args.prepare_only:
         return 0

@@ -458,3 +458,59 @@ def test_sigterm_stops_the_recipe_with_a_checkpoint_and_the_same_command_resumes
     assert "teacher: resuming" in log and "teacher: finished" in log
     assert (out / "teacher" / "final" / "model_index.json").is_file()
     assert json.loads(clock.read_text())["seconds"] >= trained
+
+
+def test_the_no_kd_twin_trains_the_recipes_student_without_teacher_for_given_steps(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """benchmarks/no_kd_twin.py: a run folder with the KD run's dataset, the given autoencoder in fp32,
+    fresh text projections and the recipe's no-KD config for exactly the given steps (a cooldown over
+    the last tenth), which trains to a ``final/`` that the recipe's ablation eval row reads."""
+    import importlib.util
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("no_kd_twin", ROOT / "benchmarks" / "no_kd_twin.py")
+    assert spec is not None and spec.loader is not None
+    no_kd_twin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(no_kd_twin)
+
+    recipe, _ = recipe_run
+    out = tmp_path / "twin"
+    out.mkdir()
+    shutil.copytree(recipe.out / "dataset", out / "dataset")
+    source_ae = recipe.final("autoencoder")
+    cfg = recipe.cfg.replace(out=str(out))
+    config_path = no_kd_twin.prepare(cfg, 10, 0.2, source_ae)
+    train = json.loads(config_path.read_text())
+    assert train["stage"] == "pretrain" and "teacher" not in train and "kd" not in train
+    assert train["max_steps"] == 10 and train["optim"]["decay_from"] == 8
+    assert train["model"]["unet_preset"] == recipe.cfg.student_preset
+    assert train["model"]["text_path"] == str(out / "text-init")
+    assert train["model"]["autoencoder_path"] == str(out / "autoencoder" / "final")
+    assert json.loads((out / "recipe.json").read_text())["ablation"] is True
+    copied = load_file(str(out / "autoencoder" / "final" / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(source_ae / "diffusion_pytorch_model.safetensors"))
+    assert copied.keys() == original.keys()
+    assert all(
+        copied[k].dtype == torch.float32 and torch.equal(copied[k], original[k].float()) for k in copied
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-m", "training_tools", "pretrain", str(config_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert stage_info(out / "ablation")["steps"] == 10
+    twin = Recipe(RecipeConfig.from_dict(json.loads((out / "recipe.json").read_text())))
+    plan = dict(twin.eval_plan())
+    assert plan["student_no_kd_28"]["checkpoint"] == "ablation"
+    assert (twin.final("ablation") / "model_index.json").is_file()
+    # Prepared again (to resume), the run keeps the config it trained with.
+    assert no_kd_twin.prepare(cfg, 99, 0.5, source_ae) == config_path
+    assert json.loads(config_path.read_text())["max_steps"] == 10
