@@ -58,7 +58,7 @@ def prepare(cfg: RecipeConfig, steps: int, cooldown: float, autoencoder: Path) -
         stage="pretrain",
         model={"text_path": str(recipe.text_init())},
         max_steps=steps,
-        optim={"decay_from": steps - max(1, round(cooldown * steps))},
+        optim={"decay_from": max(1, steps - max(1, round(cooldown * steps))) if cooldown > 0 else 0},
     )
     path = out / "configs" / "ablation.json"
     if not path.is_file():  # a resumed run keeps the config it started with
