@@ -1,5 +1,7 @@
-"""The paper's ablation for a KD student that already exists: the same student trained without the
-teacher for the same number of samples, in a recipe run folder that EmojiEval can score.
+"""The paper's ablation for a KD student that already exists (the shipped one, whose run folder is
+gone): the same student trained without the teacher for the same number of samples, in a recipe run
+folder that EmojiEval can score. A recipe run does the same itself with ``--ablation --ablation-match
+samples``.
 
     .venv/bin/python benchmarks/no_kd_twin.py --out runs/abl --steps 4582 \
         [--autoencoder model_store/builtin/snapgen-emoji/checkpoint/autoencoder] [--cooldown 0.1] [--prepare-only]

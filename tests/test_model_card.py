@@ -78,6 +78,8 @@ def test_the_schedule_sentence_says_where_the_ablation_ran() -> None:
     assert "not part of this run (`--ablation` adds it" in model_card.schedule(RecipeConfig())
     after = model_card.schedule(RecipeConfig(ablation=True))
     assert "runs after the distilled one, for the same wall time and threads" in after
+    samples = model_card.schedule(RecipeConfig(ablation=True, ablation_match="samples"))
+    assert "runs after the distilled one, for the same samples (its steps at the same batch)" in samples
     beside = model_card.schedule(RecipeConfig(ablation=True, parallel=True))
     assert "run side by side, 1 thread(s) each" in beside
 

@@ -345,6 +345,40 @@ def test_the_ablation_is_opt_in_and_runs_after_the_distilled_student_by_default(
     assert not config_from_args(["--out", str(tmp_path / "d"), "--no-ablation"]).ablation
 
 
+def test_an_ablation_matched_in_samples_trains_the_distilled_students_steps(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """``--ablation-match samples``: the no-KD student runs after the distilled one for exactly its
+    steps at the same batch, the last ``cooldown_fraction`` of them cooling down, whatever the clock
+    says; it cannot run beside the distilled student (whose steps it needs)."""
+    from training_tools.recipes.emoji_default import config_from_args
+
+    recipe, _ = recipe_run
+    out = tmp_path / "samples"
+    out.mkdir()
+    _copy_stages(recipe, out, ("dataset", "cache", "autoencoder", "teacher", "distill", "text-init"))
+    cfg = recipe.cfg.replace(out=str(out), ablation=True, ablation_match="samples", checkpoint_every=3)
+    lines: list[str] = []
+    Recipe(cfg, log=lines.append).run(["ablation"])
+    distill_steps = stage_info(recipe.out / "distill")["steps"]
+    assert stage_info(out / "ablation")["steps"] == distill_steps
+    saved = json.loads((out / "configs" / "ablation.json").read_text())
+    assert saved["max_steps"] == distill_steps and saved["stage"] == "pretrain" and "teacher" not in saved
+    cooldown = round(cfg.cooldown_fraction * distill_steps)
+    assert saved["optim"]["decay_from"] == (max(1, distill_steps - cooldown) if cooldown else 0)
+    assert (out / "ablation" / "final" / "model_index.json").is_file()
+    assert (
+        json.loads((out / "summary.json").read_text())["ablation"]["samples"]
+        == distill_steps * cfg.batch_size
+    )
+    args = ["--out", str(tmp_path / "cli"), "--ablation", "--ablation-match", "samples"]
+    assert config_from_args(args).ablation_match == "samples"
+    with pytest.raises(Exception, match="parallel"):
+        RecipeConfig(ablation=True, parallel=True, ablation_match="samples")
+    with pytest.raises(Exception, match="ablation_match"):
+        RecipeConfig(ablation_match="hours")
+
+
 def test_a_python_without_torch_is_refused_before_anything_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

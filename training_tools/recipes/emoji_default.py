@@ -12,7 +12,9 @@ Stages (each skipped when its output exists, each resumable from its last checkp
 5. ``ablation``     (``--ablation``) the same student without distillation for the same wall-time
                     budget and threads (the paper's ablation), after the distilled one, so the
                     distilled student (and the shipped model) is the same with or without it; with
-                    ``--parallel`` the two run side by side on ``pair_threads`` (one core) each
+                    ``--parallel`` the two run side by side on ``pair_threads`` (one core) each;
+                    with ``--ablation-match samples`` for the distilled student's samples instead
+                    (its steps x batch: the same comparison on any machine)
 6. ``step_distill`` adversarial step distillation of the distilled student to 4 Euler steps
 7. ``export``       ``snapgen export`` -> int8 (+ fp32) runtime bundle
 8. ``eval``         EmojiEval of every model above (+ int8 against fp32 on the bundle)
@@ -97,6 +99,7 @@ CALIBRATION_PROMPT_COUNT = 8  # int8 calibration trajectories (training captions
 DIVERGENCE_RETRIES = 2
 # Whose guided trajectories step distillation may learn (RecipeConfig.step_distill_targets_from).
 TARGET_MODELS = ("teacher", "student")
+ABLATION_MATCHES = ("minutes", "samples")  # what the no-KD student is matched in (``ablation_match``)
 
 
 class RecipeError(TrainingError):
@@ -159,6 +162,10 @@ class RecipeConfig(ConfigBase):
     # it took a core from it: 47 samples/s on one thread, 71 alone on two (emoji-v9, docs/training.md).
     ablation: bool = False
     parallel: bool = False  # the no-distillation student beside the distilled one (one core each)
+    # What the ablation is matched in: "minutes" (the distilled student's wall time and threads: a no-KD
+    # step is about 1.5x cheaper, so it sees more samples) or "samples" (its steps x batch, after it;
+    # the comparison then does not depend on the machine's speed: docs/training.md, session 26).
+    ablation_match: str = "minutes"
     # EmojiEval's classifier: "auto" = the built-in model's (the benchmark's fixed scorer, so scores
     # compare across runs) when it was trained on this run's classes and font, else train one under
     # OUT/classifier; "train" (or "") = always train one; or a classifier directory.
@@ -198,6 +205,17 @@ class RecipeConfig(ConfigBase):
             allowed=", ".join(TARGET_MODELS),
         )
         require(0.0 <= self.cooldown_fraction <= 0.5, "cooldown_fraction", "must be in [0, 0.5]")
+        require(
+            self.ablation_match in ABLATION_MATCHES,
+            "ablation_match",
+            f"unknown {self.ablation_match!r}",
+            allowed=", ".join(ABLATION_MATCHES),
+        )
+        require(
+            not (self.ablation_match == "samples" and self.parallel),
+            "ablation_match",
+            "'samples' needs the distilled student's steps first: not with parallel",
+        )
 
     @property
     def few_step_guidance(self) -> float:
@@ -471,14 +489,26 @@ class Recipe:
 
     def stage_ablation(self, threads: int | None = None) -> None:
         """The same student without distillation, for the same wall-time budget and threads as the
-        distilled one (with ``parallel``, beside it)."""
+        distilled one (with ``parallel``, beside it), or for its samples (``ablation_match``)."""
+        fields: dict[str, Any] = {}
+        minutes: float | None = self.cfg.minutes("distill")
+        if self.cfg.ablation_match == "samples":
+            # The distilled student's steps at the same batch, with the same share of cooldown.
+            steps = self.steps_of("distill")
+            cooldown = round(self.cfg.cooldown_fraction * steps)
+            fields = {
+                "max_steps": steps,
+                "optim": {"decay_from": max(1, steps - cooldown) if cooldown else 0},
+            }
+            minutes = None
         cfg = self.train_config(
             "ablation",
             stage="pretrain",
             model={"text_path": str(self.text_init())},
             cpu_threads=threads or self.cfg.threads,
+            **fields,
         )
-        self.run_trainer("ablation", cfg, self.cfg.minutes("distill"), threads=threads)
+        self.run_trainer("ablation", cfg, minutes, threads=threads)
 
     def stage_step_distill(self, threads: int | None = None) -> None:
         distill = self.final("distill")
@@ -1099,6 +1129,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sequential", action="store_true", help="the ablation after the distilled student")
     p.add_argument(
+        "--ablation-match",
+        choices=ABLATION_MATCHES,
+        default=RecipeConfig.ablation_match,
+        help="the ablation for the distilled student's minutes (default) or its samples (steps x batch)",
+    )
+    p.add_argument(
         "--stages", default=",".join(s for s in STAGES if s != "ship"), help="comma-separated stages to run"
     )
     p.add_argument(
@@ -1178,6 +1214,7 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
         eval_per_category=args.eval_per_category,
         ablation=args.ablation and not args.no_ablation,
         parallel=args.parallel and not args.sequential,
+        ablation_match=args.ablation_match,
         ship_dir=args.ship_dir,
     )
 
