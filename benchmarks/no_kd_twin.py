@@ -40,7 +40,7 @@ def prepare(cfg: RecipeConfig, steps: int, cooldown: float, autoencoder: Path) -
     import torch
 
     from snapgen_app.model.autoencoder import SnapGenAutoencoder
-    from training_tools.recipes.emoji_default import Recipe
+    from training_tools.recipes.emoji_default import Recipe, cooldown_start
 
     cfg = cfg.replace(ablation=True)
     recipe = Recipe(cfg)
@@ -60,7 +60,7 @@ def prepare(cfg: RecipeConfig, steps: int, cooldown: float, autoencoder: Path) -
         stage="pretrain",
         model={"text_path": str(recipe.text_init())},
         max_steps=steps,
-        optim={"decay_from": max(1, steps - max(1, round(cooldown * steps))) if cooldown > 0 else 0},
+        optim={"decay_from": cooldown_start(steps, cooldown)},
     )
     path = out / "configs" / "ablation.json"
     if not path.is_file():  # a resumed run keeps the config it started with

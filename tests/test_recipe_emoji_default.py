@@ -18,7 +18,7 @@ import pytest
 
 from training_tools.emoji_world.curation import curate
 from training_tools.emoji_world.dataset_builder import BuildConfig, build
-from training_tools.recipes.emoji_default import Recipe, RecipeConfig, make_subset, stage_info
+from training_tools.recipes.emoji_default import Recipe, RecipeConfig, cooldown_start, make_subset, stage_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -364,8 +364,9 @@ def test_an_ablation_matched_in_samples_trains_the_distilled_students_steps(
     assert stage_info(out / "ablation")["steps"] == distill_steps
     saved = json.loads((out / "configs" / "ablation.json").read_text())
     assert saved["max_steps"] == distill_steps and saved["stage"] == "pretrain" and "teacher" not in saved
-    cooldown = round(cfg.cooldown_fraction * distill_steps)
-    assert saved["optim"]["decay_from"] == (max(1, distill_steps - cooldown) if cooldown else 0)
+    assert saved["optim"]["decay_from"] == cooldown_start(distill_steps, cfg.cooldown_fraction)
+    cases = [(4582, 0.1), (10, 0.2), (10, 0.0), (3, 0.1)]  # the shipped student's 4,124; none; too few
+    assert [cooldown_start(steps, fraction) for steps, fraction in cases] == [4124, 8, 0, 0]
     assert (out / "ablation" / "final" / "model_index.json").is_file()
     assert (
         json.loads((out / "summary.json").read_text())["ablation"]["samples"]

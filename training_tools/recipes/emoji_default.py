@@ -495,10 +495,9 @@ class Recipe:
         if self.cfg.ablation_match == "samples":
             # The distilled student's steps at the same batch, with the same share of cooldown.
             steps = self.steps_of("distill")
-            cooldown = round(self.cfg.cooldown_fraction * steps)
             fields = {
                 "max_steps": steps,
-                "optim": {"decay_from": max(1, steps - cooldown) if cooldown else 0},
+                "optim": {"decay_from": cooldown_start(steps, self.cfg.cooldown_fraction)},
             }
             minutes = None
         cfg = self.train_config(
@@ -925,6 +924,12 @@ class Recipe:
 
 
 # -- module helpers ----------------------------------------------------------------------------------
+
+
+def cooldown_start(steps: int, fraction: float) -> int:
+    """``optim.decay_from`` of a run of ``steps`` whose last ``fraction`` of steps cools down (0: none)."""
+    cooling = round(fraction * steps)
+    return max(1, steps - cooling) if cooling else 0
 
 
 def _env(threads: int) -> dict[str, str]:
