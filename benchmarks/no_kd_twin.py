@@ -13,16 +13,17 @@ recipe's dataset (its defaults, seed 0), the given autoencoder saved in fp32 as 
 ``autoencoder/final`` (the KD student's own, so both read the same latents), the recipe's fresh text
 projections (``text-init``), ``configs/ablation.json`` (the recipe's no-KD student config with
 ``max_steps`` = ``--steps`` and a cooldown over the last ``--cooldown`` of them) and ``recipe.json``
-(the default recipe with ``ablation`` on, for ``emoji_eval_table.py``). Then it trains with
-``python -m training_tools pretrain``; run again after a stop and it resumes from the last checkpoint.
+(the default recipe with ``ablation`` on, for ``emoji_eval_table.py``; a folder that has one goes on
+with it). Then it trains that stage with
+the recipe's own launcher (logs under ``OUT/logs``, the stage's entry in ``summary.json``); stop it with
+Ctrl-C or SIGTERM (a checkpoint is written) and run the same command again to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,15 +84,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or not 0.0 <= args.cooldown < 1.0:
         p.error("--steps must be >= 1 and --cooldown in [0, 1)")
-    from training_tools.recipes.emoji_default import RecipeConfig
+    from snapgen_app.errors import Cancelled, SnapGenError
+    from training_tools.recipes.emoji_default import Recipe, RecipeConfig
 
-    config = prepare(RecipeConfig(out=str(args.out)), args.steps, args.cooldown, args.autoencoder)
-    print(f"config: {config}")
-    if args.prepare_only:
-        return 0
-    resume = ["--resume"] if (args.out / "ablation" / "train_config.json").is_file() else []
-    command = [sys.executable, "-m", "training_tools", "pretrain", str(config), *resume]
-    return subprocess.call(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    saved = args.out / "recipe.json"  # a run folder goes on with the recipe it was prepared with
+    if saved.is_file():
+        cfg = RecipeConfig.from_dict(json.loads(saved.read_text())).replace(out=str(args.out))
+    else:
+        cfg = RecipeConfig(out=str(args.out), ablation=True)
+    try:
+        config = prepare(cfg, args.steps, args.cooldown, args.autoencoder)
+        print(f"config: {config}")
+        if args.prepare_only:
+            return 0
+        # The recipe's own trainer launch: resume, divergence retries, stage clock, summary.json entry;
+        # SIGTERM / Ctrl-C stop it with a checkpoint (run the same command again to resume).
+        recipe = Recipe(cfg, log=lambda line: print(line, flush=True))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda _signum, _frame: recipe.request_stop())
+        recipe.run_trainer("ablation", json.loads(config.read_text()), None)
+    except Cancelled as exc:
+        print(f"no_kd_twin: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SnapGenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
 
 
 if __name__ == "__main__":

@@ -533,8 +533,18 @@ def test_the_no_kd_twin_trains_the_recipes_student_without_teacher_for_given_ste
         copied[k].dtype == torch.float32 and torch.equal(copied[k], original[k].float()) for k in copied
     )
 
+    # The script itself goes on with the folder's recipe.json and trains through the recipe's launcher.
     done = subprocess.run(
-        [sys.executable, "-m", "training_tools", "pretrain", str(config_path)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "no_kd_twin.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "10",
+            "--cooldown",
+            "0.2",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -542,6 +552,7 @@ def test_the_no_kd_twin_trains_the_recipes_student_without_teacher_for_given_ste
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert stage_info(out / "ablation")["steps"] == 10
+    assert json.loads((out / "summary.json").read_text())["ablation"]["steps"] == 10
     twin = Recipe(RecipeConfig.from_dict(json.loads((out / "recipe.json").read_text())))
     plan = dict(twin.eval_plan())
     assert plan["student_no_kd_28"]["checkpoint"] == "ablation"
