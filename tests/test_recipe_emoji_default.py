@@ -560,3 +560,53 @@ def test_the_no_kd_twin_trains_the_recipes_student_without_teacher_for_given_ste
     # Prepared again (to resume), the run keeps the config it trained with.
     assert no_kd_twin.prepare(cfg, 99, 0.5, source_ae) == config_path
     assert json.loads(config_path.read_text())["max_steps"] == 10
+
+
+def test_retrain_stage_trains_a_finished_stage_again_with_a_change_for_the_same_steps(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """benchmarks/retrain_stage.py: the KD student trained again with another KD scaling in a copy of
+    the run, from the same teacher, with the same seed, steps and cooldown start; nothing else differs
+    from the stage's saved config but the run folder. A bad --set fails before anything is written."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe, _ = recipe_run
+    src, dst = recipe.out, tmp_path / "arm"
+    script = [sys.executable, str(ROOT / "benchmarks" / "retrain_stage.py"), str(src), str(dst)]
+
+    bad = subprocess.run(
+        [*script, "--stage", "distill", "--set", "kd.scaling=nonsense"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "scaling: 'nonsense'" in bad.stderr and not dst.exists()
+
+    done = subprocess.run(
+        [*script, "--stage", "distill", "--set", "kd.scaling=kd_only", "--set", "kd.feature_weight=0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    original = json.loads((src / "configs" / "distill.json").read_text())
+    arm = json.loads((dst / "configs" / "distill.json").read_text())
+    assert arm["kd"] == {**original["kd"], "scaling": "kd_only", "feature_weight": 0.5}
+    assert arm["teacher"]["path"] == str(dst / "teacher" / "final" / "unet")
+    assert arm["run_dir"] == str(dst / "distill")
+    unchanged = {k: v for k, v in original.items() if k not in ("kd", "teacher", "run_dir", "model", "data")}
+    assert {k: arm[k] for k in unchanged} == unchanged  # seed, batch, max_steps, optim (decay_from)
+    assert original["optim"]["decay_from"] > 0
+    steps = stage_info(src / "distill")["steps"]
+    assert stage_info(dst / "distill")["steps"] == steps == arm["max_steps"]
+    assert json.loads((dst / "summary.json").read_text())["distill"]["steps"] == steps
+    assert not (dst / "step_distill").exists()  # trained from the stage: left out
+    teacher = "teacher/final/unet/diffusion_pytorch_model.safetensors"
+    assert (dst / teacher).samefile(src / teacher)  # the same teacher, hard-linked
+    weights = "distill/final/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(src / weights)), load_file(str(dst / weights))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # the change trained
+    plan = dict(Recipe(RecipeConfig.from_dict(json.loads((dst / "recipe.json").read_text()))).eval_plan())
+    assert plan["student_distilled_28"]["checkpoint"] == "distill"
