@@ -41,6 +41,14 @@ def _retarget(path: Path, src: Path, dst: Path) -> None:
     path.write_text(text)
 
 
+def retarget_config(path: Path, src: Path, dst: Path, stage: str) -> None:
+    """Point a trainer config's paths under SRC to DST; fail if its run_dir is not DST/STAGE."""
+    _retarget(path, src, dst)
+    run_dir = Path(json.loads(path.read_text())["run_dir"])
+    if run_dir.resolve() != (dst / stage).resolve():  # it would train on in SRC
+        raise SystemExit(f"{path}: run_dir {run_dir} is not under {dst}; pass SRC as the run names it")
+
+
 def copy_run(
     src: Path,
     dst: Path,
@@ -79,12 +87,7 @@ def copy_run(
         config = dst / "configs" / f"{reopen}.json"
         config.write_text(json.dumps(saved, indent=2) + "\n")
         for path in (config, dst / reopen / "train_config.json"):
-            _retarget(path, src, dst)
-            run_dir = Path(json.loads(path.read_text())["run_dir"])
-            if run_dir.resolve() != (dst / reopen).resolve():  # it would train on in SRC
-                raise SystemExit(
-                    f"{path}: run_dir {run_dir} is not under {dst}; pass SRC as the run names it"
-                )
+            retarget_config(path, src, dst, reopen)
     _copy_summary(src, dst, [s for s in kept if s != reopen])
     recipe = json.loads((src / "recipe.json").read_text())
     recipe.update(overrides, out=str(dst))
@@ -104,7 +107,7 @@ def _copy_summary(src: Path, dst: Path, stages: list[str]) -> None:
         (dst / "summary.json").write_text(json.dumps(kept, indent=2) + "\n")
 
 
-def _override(item: str) -> tuple[str, object]:
+def parse_override(item: str) -> tuple[str, object]:
     key, sep, value = item.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=JSON, got {item!r}")
@@ -118,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
-    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[])
+    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[])
     parser.add_argument("--without", choices=STAGES, action="append", default=[])
     parser.add_argument("--reopen", choices=TRAINED)
     args = parser.parse_args()

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from copy_run import TRAINED, _override, _retarget, copy_run  # noqa: E402
+from copy_run import TRAINED, copy_run, parse_override, retarget_config  # noqa: E402
 
 
 def set_dotted(config: dict[str, Any], key: str, value: object) -> None:
@@ -65,9 +65,7 @@ def prepare(src: Path, dst: Path, stage: str, overrides: dict[str, object]) -> P
     copy_run(src, dst, {}, without=tuple(TRAINED[TRAINED.index(stage) :]))
     (dst / "configs").mkdir(exist_ok=True)
     config.write_text(json.dumps(saved, indent=2) + "\n")
-    _retarget(config, src, dst)
-    if Path(json.loads(config.read_text())["run_dir"]).resolve() != (dst / stage).resolve():
-        raise SystemExit(f"{config}: run_dir is not under {dst}; pass SRC as the run names it")
+    retarget_config(config, src, dst, stage)
     (dst / "recipe.json").write_text((dst / "arm.json").read_text())  # for emoji_eval_table.py
     return config
 
@@ -77,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", type=Path, help="a recipe run folder whose STAGE has finished")
     p.add_argument("dst", type=Path, help="the arm's run folder (resumed when it exists)")
     p.add_argument("--stage", choices=TRAINED, required=True)
-    p.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=JSON")
+    p.add_argument(
+        "--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=JSON"
+    )
     p.add_argument("--prepare-only", action="store_true", help="write the run folder, do not train")
     args = p.parse_args(argv)
 
