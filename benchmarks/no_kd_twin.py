@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,32 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or not 0.0 <= args.cooldown < 1.0:
         p.error("--steps must be >= 1 and --cooldown in [0, 1)")
-    from snapgen_app.errors import Cancelled, SnapGenError
-    from training_tools.recipes.emoji_default import Recipe, RecipeConfig
+    from training_tools.recipes.emoji_default import RecipeConfig, console_exit, console_recipe
 
     saved = args.out / "recipe.json"  # a run folder goes on with the recipe it was prepared with
     if saved.is_file():
         cfg = RecipeConfig.from_dict(json.loads(saved.read_text())).replace(out=str(args.out))
     else:
         cfg = RecipeConfig(out=str(args.out), ablation=True)
-    try:
+
+    def work() -> int | None:
         config = prepare(cfg, args.steps, args.cooldown, args.autoencoder)
         print(f"config: {config}")
         if args.prepare_only:
-            return 0
+            return None
         # The recipe's own trainer launch: resume, divergence retries, stage clock, summary.json entry;
         # SIGTERM / Ctrl-C stop it with a checkpoint (run the same command again to resume).
-        recipe = Recipe(cfg, log=lambda line: print(line, flush=True))
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda _signum, _frame: recipe.request_stop())
-        recipe.run_trainer("ablation", json.loads(config.read_text()), None)
-    except Cancelled as exc:
-        print(f"no_kd_twin: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except SnapGenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+        console_recipe(cfg).run_trainer("ablation", json.loads(config.read_text()), None)
+        return None
+
+    return console_exit("no_kd_twin", work)
 
 
 if __name__ == "__main__":

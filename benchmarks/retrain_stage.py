@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,28 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-only", action="store_true", help="write the run folder, do not train")
     args = p.parse_args(argv)
 
-    from snapgen_app.errors import Cancelled, SnapGenError
-    from training_tools.recipes.emoji_default import Recipe, RecipeConfig
+    from training_tools.recipes.emoji_default import RecipeConfig, console_exit, console_recipe
 
-    try:
+    def work() -> int | None:
         config = prepare(args.src, args.dst, args.stage, dict(args.overrides))
         print(f"config: {config}")
         if args.prepare_only:
-            return 0
+            return None
         saved = json.loads((args.dst / "recipe.json").read_text())
-        recipe = Recipe(
-            RecipeConfig.from_dict(saved).replace(out=str(args.dst)), log=lambda line: print(line, flush=True)
-        )
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda _signum, _frame: recipe.request_stop())
+        recipe = console_recipe(RecipeConfig.from_dict(saved).replace(out=str(args.dst)))
         recipe.run_trainer(args.stage, json.loads(config.read_text()), None)
-    except Cancelled as exc:
-        print(f"retrain_stage: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except SnapGenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+        return None
+
+    return console_exit("retrain_stage", work)
 
 
 if __name__ == "__main__":

@@ -1224,11 +1224,33 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
     )
 
 
+def console_recipe(cfg: RecipeConfig) -> Recipe:
+    """A Recipe for a console command: its log lines on stdout; SIGTERM or Ctrl-C stops the running
+    stage with a checkpoint (the command then ends with :class:`Cancelled`)."""
+    recipe = Recipe(cfg, log=lambda line: print(line, flush=True))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: recipe.request_stop())
+    return recipe
+
+
+def console_exit(name: str, work: Callable[[], int | None]) -> int:
+    """Run a console command's ``work``; a stop or an error is one line on stderr and its exit code."""
+    try:
+        return work() or 0
+    except Cancelled as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SnapGenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 done, 1 a stage failed, 2 bad usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    try:
+
+    def work() -> int | None:
         cfg = config_from_args(argv)
         if not args.config and (Path(args.out) / "recipe.json").is_file():
             print(f"recipe: {args.out} goes on with its recipe.json (options set here override it)")
@@ -1242,17 +1264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _require_training_environment()
         if args.background:
             return _detach(argv, Path(cfg.out))
-        recipe = Recipe(cfg, log=lambda line: print(line, flush=True))
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda _signum, _frame: recipe.request_stop())
-        recipe.run(stages)
-    except Cancelled as exc:
-        print(f"recipe: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except SnapGenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+        console_recipe(cfg).run(stages)
+        return None
+
+    return console_exit("recipe", work)
 
 
 def _require_training_environment() -> None:
