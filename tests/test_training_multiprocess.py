@@ -71,10 +71,9 @@ def test_end_training_is_bounded_in_a_multi_process_run(tmp_path: Path) -> None:
     assert end_training(single, events, timeout_s=0.0) is True and single.ended.is_set()
 
 
-def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -> None:
-    data, cache = shapes
-    cfg = base_config(tmp_path, data, cache, batch_size=2, max_steps=4, checkpoint_every=2)
-    path = write_config(cfg, tmp_path / "cfg.json")
+def _launch_two(stage: str, config: Path, cwd: Path) -> None:
+    """``accelerate launch`` two CPU ranks of ``python -m training_tools STAGE CONFIG``; fails the test
+    with the ranks' stderr when the launch fails or runs past 400 s."""
     accelerate = Path(sys.executable).with_name("accelerate")
     env = subprocess_env()
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes even on a GPU machine: gloo, as in the issue
@@ -97,14 +96,14 @@ def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -
             str(_free_port()),
             "-m",
             "training_tools",
-            "pretrain",
-            str(path),
+            stage,
+            str(config),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         start_new_session=True,
     )
     try:
@@ -114,6 +113,12 @@ def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -
         _, stderr = proc.communicate()
         pytest.fail(f"two-process run still going after 400 s; its stderr:\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
+
+
+def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -> None:
+    data, cache = shapes
+    cfg = base_config(tmp_path, data, cache, batch_size=2, max_steps=4, checkpoint_every=2)
+    _launch_two("pretrain", write_config(cfg, tmp_path / "cfg.json"), tmp_path)
     events = read_events(Path(cfg.run_dir))
     assert events[-1].kind == "finished"
     progress = [e for e in events if e.kind == "progress"]
@@ -122,3 +127,27 @@ def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -
     assert all(e.data["samples_per_s"] > 0 for e in progress)
     ckpt = Path(cfg.run_dir) / "checkpoints" / "step-00000004"
     assert (ckpt / "rng-0.safetensors").exists() and (ckpt / "rng-1.safetensors").exists()
+
+
+def test_two_process_distillation_with_frozen_text_projections(tmp_path: Path, shapes: tuple[Path, Path]) -> None:
+    """The recipe's KD student keeps its text projections frozen (``model.train_text`` false); the
+    two-rank run trains it: Accelerate would wrap the frozen module in DDP on CPU ranks, which DDP
+    refuses ("DistributedDataParallel is not needed when a module doesn't have any parameter that
+    requires a gradient", the run died at step 0 before the trainer kept frozen modules out of DDP)."""
+    data, cache = shapes
+    teacher = helpers.save_snapgen_teacher(tmp_path / "teacher")
+    cfg = base_config(
+        tmp_path,
+        data,
+        cache,
+        stage="distill",
+        batch_size=2,
+        max_steps=3,
+        **{"teacher.kind": "snapgen", "teacher.path": str(teacher), "model.train_text": False},
+    )
+    _launch_two("distill", write_config(cfg, tmp_path / "cfg.json"), tmp_path)
+    events = read_events(Path(cfg.run_dir))
+    assert events[-1].kind == "finished", [e.message for e in events if e.kind == "error"]
+    progress = [e for e in events if e.kind == "progress"]
+    assert [e.step for e in progress] == [1, 2, 3]
+    assert all(e.data["loss"]["kd_out"] > 0 for e in progress)

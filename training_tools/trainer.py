@@ -285,9 +285,15 @@ class Trainer:
         )
         ema = EMA(parts.unet, o.ema_decay) if o.ema else None
 
-        names = list(modules)
-        prepared = accelerator.prepare(*modules.values(), optimizer)
+        # Accelerate wraps every prepared module of a multi-process CPU run in DDP (it skips a
+        # module with nothing to train on GPUs only), and DDP refuses such a module: the frozen text
+        # projections of a KD or step-distillation student. Those get the same mixed-precision
+        # forward and placement without DDP, in one process and in many.
+        frozen = {n for n, m in modules.items() if not any(p.requires_grad for p in m.parameters())}
+        names = [n for n in modules if n not in frozen]
+        prepared = accelerator.prepare(*(modules[n] for n in names), optimizer)
         wrapped = dict(zip(names, prepared[: len(names)], strict=True))
+        wrapped.update({n: accelerator.prepare_model(modules[n], evaluation_mode=True) for n in frozen})
         optimizer = prepared[-1]
         disc_wrapped = None
         if disc is not None:
