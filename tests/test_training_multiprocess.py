@@ -129,7 +129,9 @@ def test_two_process_accelerate_run(tmp_path: Path, shapes: tuple[Path, Path]) -
     assert (ckpt / "rng-0.safetensors").exists() and (ckpt / "rng-1.safetensors").exists()
 
 
-def test_two_process_distillation_with_frozen_text_projections(tmp_path: Path, shapes: tuple[Path, Path]) -> None:
+def test_two_process_distillation_with_frozen_text_projections(
+    tmp_path: Path, shapes: tuple[Path, Path]
+) -> None:
     """The recipe's KD student keeps its text projections frozen (``model.train_text`` false); the
     two-rank run trains it: Accelerate would wrap the frozen module in DDP on CPU ranks, which DDP
     refuses ("DistributedDataParallel is not needed when a module doesn't have any parameter that
