@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from snapgen_app.errors import SnapGenError
 from training_tools.emoji_world.curation import curate
 from training_tools.emoji_world.dataset_builder import BuildConfig, build
 from training_tools.recipes.emoji_default import Recipe, RecipeConfig, cooldown_start, make_subset, stage_info
@@ -177,6 +178,34 @@ def test_rerun_skips_finished_stages_and_finalises_a_stopped_one(
     assert stage_info(again.out / "distill")["steps"] == step
     assert not any("distill: starting" in line or "distill: resuming" in line for line in lines)
     assert (again.final("distill") / "model_index.json").is_file()
+
+
+def test_stages_run_as_several_ranks_with_the_same_effective_batch(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """``processes`` 2: the teacher, KD student and step distillation each train as two CPU ranks
+    under ``accelerate launch``, each rank with half the batch and threads; a stage stopped on its
+    budget cools down and finalises as in one process, and its samples count both ranks."""
+    recipe, _ = recipe_run
+    _copy_stages(recipe, tmp_path, ("dataset", "autoencoder", "text-init"))
+    lines: list[str] = []
+    cfg = recipe.cfg.replace(out=str(tmp_path), processes=2, threads=2, step_distill_batch_size=4)
+    ranked = Recipe(cfg, log=lines.append)
+    ranked.run(["dataset", "autoencoder", "teacher", "distill", "step_distill"])
+    for stage, batch in (("teacher", 2), ("distill", 2), ("step_distill", 4)):
+        saved = json.loads((tmp_path / "configs" / f"{stage}.json").read_text())
+        assert (saved["batch_size"], saved["cpu_threads"]) == (batch // 2, 1), stage
+        assert any(f"{stage}: cooldown, " in line for line in lines), stage
+        assert (ranked.final(stage) / "model_index.json").is_file(), stage
+        info = stage_info(tmp_path / stage)
+        assert info["processes"] == 2 and info["samples"] == info["steps"] * batch, (stage, info)
+        assert ranked.summary()[stage]["samples"] == info["samples"]
+        checkpoints = sorted((tmp_path / stage / "checkpoints").glob("step-*"))
+        assert checkpoints and (checkpoints[-1] / "rng-1.safetensors").is_file(), stage  # the second rank's
+    with pytest.raises(SnapGenError, match="processes"):
+        RecipeConfig(processes=2, threads=3)
+    with pytest.raises(SnapGenError, match="processes"):
+        RecipeConfig(processes=2, ablation=True, parallel=True)
 
 
 def test_a_copied_run_trains_a_reopened_teacher_on_and_leaves_the_source_alone(
@@ -456,12 +485,18 @@ def test_ship_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path: Path) ->
     assert not (tmp_path / "builtin.tmp").exists()
 
 
-def test_sigterm_stops_the_recipe_with_a_checkpoint_and_the_same_command_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_stops_the_recipe_with_a_checkpoint_and_the_same_command_resumes(
+    tmp_path: Path, processes: int
+) -> None:
     """`kill PID` of a running recipe: the trainer it runs writes a checkpoint, the stage clock keeps
     the minutes trained, the recipe exits 130 saying how to resume; the same command then resumes
-    the stage (not from zero) and finishes it."""
+    the stage (not from zero) and finishes it. With two ranks the signal reaches them through
+    ``accelerate launch``."""
     out = tmp_path / "run"
-    cfg = _config(out).replace(stage_minutes={"autoencoder": 0.02, "teacher": 0.3})
+    cfg = _config(out).replace(
+        stage_minutes={"autoencoder": 0.02, "teacher": 0.3}, processes=processes, threads=processes
+    )
     build(
         out / "dataset",
         BuildConfig(num_images=cfg.num_images, seed=0, num_classes=8, class_seed=3),

@@ -219,7 +219,10 @@ class Trainer:
         accelerator.wait_for_everyone()
         events = EventWriter(cfg.stage, run_dir / "events.jsonl", enabled=main)
         events.emit(
-            "started", total=cfg.max_steps, message=_estimate_message(est), data={"estimate": est.as_dict()}
+            "started",
+            total=cfg.max_steps,
+            message=_estimate_message(est),
+            data={"estimate": est.as_dict(), "processes": accelerator.num_processes},
         )
         events.emit(
             "log",

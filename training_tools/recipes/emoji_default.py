@@ -44,6 +44,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -157,6 +158,13 @@ class RecipeConfig(ConfigBase):
     cooldown_fraction: float = 0.1
     checkpoint_every: int = 200
     threads: int = 2  # torch threads of a stage that runs alone
+    # Processes per denoiser stage (teacher, KD student, ablation, step distillation). With N > 1 a
+    # stage runs as N CPU ranks under `accelerate launch` (gloo), each on threads / N torch threads and
+    # batch / N samples: the same effective batch and optimizer steps, the gradients averaged across
+    # ranks. These small UNets use two threads poorly: on a 2-core Zen 4 CPU two 1-thread ranks trained
+    # the teacher 1.16x and the KD student about 1.1x faster than one 2-thread process (session 28,
+    # docs/training.md). The autoencoder, export and evals stay one process.
+    processes: int = 1
     pair_threads: int = 1  # threads of each of the two students when they run side by side
     # The paper's ablation (the student without KD) is opt-in: beside the distilled student (emoji-v7/v8)
     # it took a core from it: 47 samples/s on one thread, 71 alone on two (emoji-v9, docs/training.md).
@@ -189,6 +197,18 @@ class RecipeConfig(ConfigBase):
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.threads >= 1, "threads", "must be >= 1")
         require(self.pair_threads >= 1, "pair_threads", "must be >= 1")
+        require(self.processes >= 1, "processes", "must be >= 1")
+        for name in ("threads", "batch_size", "step_distill_batch_size"):
+            require(
+                getattr(self, name) % self.processes == 0,
+                name,
+                f"must be a multiple of processes ({self.processes}): each rank takes an equal share",
+            )
+        require(
+            not (self.processes > 1 and self.parallel),
+            "processes",
+            "several processes per stage and the two students side by side (parallel) share the same cores",
+        )
         require(self.eval_per_category >= 1, "eval_per_category", "must be >= 1")
         require(self.flow_shift > 0, "flow_shift", "must be positive")
         require(self.step_distill_guidance >= 1.0, "step_distill_guidance", "must be >= 1")
@@ -606,6 +626,7 @@ class Recipe:
         if cooling:
             cfg = saved
         else:
+            cfg = self._per_rank(cfg)
             cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         clock_path = self.out / "clock" / f"{name}.json"
         budget = None if minutes is None else minutes * 60.0
@@ -642,7 +663,8 @@ class Recipe:
                     f"stage {name} stopped before its first checkpoint", hint="give it more minutes"
                 )
             if not cooling and budget is not None and self.cfg.cooldown_fraction > 0:
-                rate = (stage_info(run_dir)["samples_per_s"] or 0.0) / max(1, int(cfg["batch_size"]))
+                info = stage_info(run_dir)
+                rate = (info["samples_per_s"] or 0.0) / max(1, int(cfg["batch_size"]) * info["processes"])
                 left = max(0.0, budget - _clock(clock_path))
                 decay = max(1, int(rate * left))
                 cfg = {**cfg, "max_steps": step + decay, "optim": {**cfg["optim"], "decay_from": step}}
@@ -675,6 +697,34 @@ class Recipe:
         self.log(f"{name}: finished: {json.dumps(info)}")
         return final
 
+    def _per_rank(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """A stage's trainer config for one of ``processes`` ranks: its share of the batch and threads."""
+        n = self.cfg.processes
+        if n == 1:
+            return cfg
+        return {
+            **cfg,
+            "batch_size": int(cfg["batch_size"]) // n,
+            "cpu_threads": max(1, int(cfg["cpu_threads"]) // n),
+        }
+
+    def _trainer_argv(self, stage: str, cfg_path: Path) -> list[str]:
+        """``python -m training_tools STAGE CONFIG``, under ``accelerate launch`` with ``processes`` > 1."""
+        trainer = ["-m", "training_tools", stage, str(cfg_path)]
+        if self.cfg.processes == 1:
+            return [sys.executable, *trainer]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+        # The trainer picks its own precision (mixed_precision "auto") and never compiles.
+        launch += [
+            "--num_processes",
+            str(self.cfg.processes),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+        return [*launch, "--main_process_port", str(_free_port()), *trainer]
+
     def _trainer_process(
         self,
         name: str,
@@ -686,9 +736,7 @@ class Recipe:
         clock_path: Path | None,
         threads: int | None,
     ) -> int:
-        argv = [sys.executable, "-m", "training_tools", stage, str(cfg_path)] + (
-            ["--resume"] if resume else []
-        )
+        argv = self._trainer_argv(stage, cfg_path) + (["--resume"] if resume else [])
         if budget is not None:
             # The stage's time left, so the trainer's progress events count their ETA against it
             # (its max_steps is a placeholder here). The recipe's clock starts a little earlier (at
@@ -699,7 +747,7 @@ class Recipe:
         events = self.out / name / "events.jsonl"
         offset = events.stat().st_size if events.is_file() else 0  # this process's events start here
         with open(log_path, "a") as handle:
-            proc = self._spawn(argv, handle, threads)
+            proc = self._spawn(argv, handle, max(1, (threads or self.cfg.threads) // self.cfg.processes))
             # The clock runs while the training loop does: start-up and the latent/text cache (5.8
             # min for 30,000 images on the first stage, read back in seconds by the next) are not
             # part of a stage's budget. The loop is seen running at its first progress report (10
@@ -725,7 +773,12 @@ class Recipe:
                 clock_path.write_text(json.dumps({"seconds": used + time.monotonic() - started}))
             self._reap(proc)
         self.check_stop(name)
-        return int(proc.returncode)
+        rc = int(proc.returncode)
+        if rc != 0 and self.cfg.processes > 1 and _last_event_kind(events, offset) == "cancelled":
+            # Ranks that stopped with a checkpoint exit 130, and the launcher reports that as a
+            # failure (exit 1); the main rank's last event says which it was.
+            rc = 130
+        return rc
 
     # -- export, eval, ship ---------------------------------------------------------------------------
 
@@ -932,6 +985,13 @@ def cooldown_start(steps: int, fraction: float) -> int:
     return max(1, steps - cooling) if cooling else 0
 
 
+def _free_port() -> int:
+    """A TCP port free on this machine now, for a stage's rank rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
@@ -969,6 +1029,16 @@ def _training_started(events: Path, offset: int = 0) -> bool:
     return '"kind":"progress"' in text or ('"kind":"log"' in text and "resumedfrom" in text)
 
 
+def _last_event_kind(events: Path, offset: int = 0) -> str | None:
+    """The kind of the last event in ``events`` after byte ``offset`` (None when there is none)."""
+    if not events.is_file():
+        return None
+    with events.open("rb") as f:
+        f.seek(offset)
+        lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    return json.loads(lines[-1]).get("kind") if lines else None
+
+
 def _clock(path: Path) -> float:
     """Seconds a stage has run so far (its clock file), 0 when it has not started."""
     return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
@@ -997,7 +1067,7 @@ def _dir_bytes(path: Path) -> int:
 
 def stage_info(run_dir: Path) -> dict[str, Any]:
     """Precision, steps, samples, mean samples/s and last losses of a trainer run (from its events.jsonl)."""
-    steps, rates, loss, batch, precision = 0, [], {}, 0, None
+    steps, rates, loss, batch, precision, processes = 0, [], {}, 0, None, 1
     cfg_path = run_dir / "train_config.json"
     if cfg_path.is_file():
         batch = int(json.loads(cfg_path.read_text()).get("batch_size", 0))
@@ -1012,10 +1082,13 @@ def stage_info(run_dir: Path) -> dict[str, Any]:
             loss = data.get("loss", loss)
         elif event.get("kind") == "log" and "mixed_precision" in event.get("data", {}):
             precision = event["data"]["mixed_precision"]
+        elif event.get("kind") == "started":  # ranks of the run (batch_size is each rank's)
+            processes = int(event.get("data", {}).get("processes", 1))
     return {
         "precision": precision,
         "steps": steps,
-        "samples": steps * batch,
+        "samples": steps * batch * processes,
+        "processes": processes,
         "samples_per_s": round(sum(rates) / len(rates), 2) if rates else None,
         "last_loss": loss,
     }
@@ -1111,6 +1184,13 @@ def _parser() -> argparse.ArgumentParser:
         "frozen KD student's own",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads of a stage that runs alone")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=RecipeConfig.processes,
+        help="ranks per denoiser stage under accelerate launch, each with threads/N threads and batch/N "
+        "samples (2 on a 2-core CPU: 1.1-1.2x faster, docs/training.md)",
+    )
     p.add_argument(
         "--pair-threads", type=int, default=1, help="threads of each student when the two run side by side"
     )
@@ -1214,6 +1294,7 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
         teacher_steps_for_targets=args.teacher_steps_for_targets,
         step_distill_targets_from=args.step_distill_targets_from,
         threads=args.threads,
+        processes=args.processes,
         pair_threads=args.pair_threads,
         classifier=args.classifier,
         eval_per_category=args.eval_per_category,
