@@ -1,12 +1,14 @@
 """Training speed of this checkout against another git revision, side by side, alternating.
 
-    .venv/bin/python benchmarks/train_speed_ab.py STAGE CONFIG.json [--against HEAD] [--rounds 4]
-        [--steps 50] [--skip 20] [--json OUT]
+    .venv/bin/python benchmarks/train_speed_ab.py STAGE CONFIG.json [--against HEAD | --ranks N]
+        [--rounds 4] [--steps 50] [--skip 20] [--json OUT]
 
 Runs ``python -m training_tools STAGE CONFIG`` (``max_steps`` = ``--steps``, no checkpoints, a
 throw-away run folder) in a worktree of ``--against`` and in this checkout, one after the other,
 ``--rounds`` times, and prints each run's mean samples/s over the steps after ``--skip`` and the
-paired ratio new / old per round. This machine's speed drifts by 10-25 % over minutes, so only runs
+paired ratio new / old per round. With ``--ranks N`` both arms are this checkout: "old" is the
+config as it is (one process), "new" the same run as N ranks under ``accelerate launch``, each with
+``batch_size`` / N samples and ``cpu_threads`` / N threads (the recipe's ``processes``). This machine's speed drifts by 10-25 % over minutes, so only runs
 next to each other are compared. Relative paths in the config resolve against this checkout. Nothing else should run meanwhile (two torch jobs on two
 cores slow each other about 10x).
 """
@@ -34,16 +36,25 @@ def samples_per_s(events: Path, skip: int) -> float:
     return statistics.fmean(speeds)
 
 
-def run_once(checkout: Path, stage: str, config: dict, work: Path, name: str, skip: int) -> float:
+def run_once(
+    checkout: Path, stage: str, config: dict, work: Path, name: str, skip: int, ranks: int = 1
+) -> float:
     run_dir = work / name
     cfg = dict(config, run_dir=str(run_dir), checkpoint_every=0)
+    threads = max(1, int(cfg.get("cpu_threads") or os.cpu_count() or 1) // ranks)
+    if ranks > 1:
+        cfg.update(batch_size=int(cfg["batch_size"]) // ranks, cpu_threads=threads)
     path = work / f"{name}.json"
     path.write_text(json.dumps(cfg))
     # -P: the working directory (this checkout, where the config's relative paths point) is not put
     # on sys.path, so PYTHONPATH alone picks which checkout's code runs.
-    env = dict(os.environ, PYTHONPATH=str(checkout))
+    env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(threads))
+    launch = [sys.executable, "-P"]
+    if ranks > 1:
+        launch += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+        launch += ["--num_processes", str(ranks), "--mixed_precision", "no", "--dynamo_backend", "no"]
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "training_tools", stage, str(path)],
+        [*launch, "-m", "training_tools", stage, str(path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -61,6 +72,9 @@ def main() -> int:
     p.add_argument("stage")
     p.add_argument("config")
     p.add_argument("--against", default="HEAD", help="git revision to compare with (default HEAD)")
+    p.add_argument(
+        "--ranks", type=int, default=1, help="compare one process with N ranks of this checkout instead"
+    )
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--skip", type=int, default=20, help="steps of warm-up left out of the mean")
@@ -72,23 +86,25 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="train-ab-") as tmp:
         work = Path(tmp)
-        old = work / "checkout-old"
-        subprocess.run(
-            ["git", "worktree", "add", "-q", "--detach", str(old), args.against], cwd=ROOT, check=True
-        )
+        old = ROOT if args.ranks > 1 else work / "checkout-old"
+        if old != ROOT:
+            subprocess.run(
+                ["git", "worktree", "add", "-q", "--detach", str(old), args.against], cwd=ROOT, check=True
+            )
         try:
             for n in range(1, args.rounds + 1):
                 a = run_once(old, args.stage, config, work, "old", args.skip)
-                b = run_once(ROOT, args.stage, config, work, "new", args.skip)
+                b = run_once(ROOT, args.stage, config, work, "new", args.skip, ranks=args.ranks)
                 rows.append({"round": n, "old": round(a, 2), "new": round(b, 2), "ratio": round(b / a, 3)})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=False)
+            if old != ROOT:
+                subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=False)
     ratios = [r["ratio"] for r in rows]
     summary = {
         "stage": args.stage,
         "config": args.config,
-        "against": args.against,
+        "against": f"{args.ranks} ranks of this checkout" if args.ranks > 1 else args.against,
         "steps": args.steps,
         "skip": args.skip,
         "rounds": rows,

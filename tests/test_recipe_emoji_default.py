@@ -19,7 +19,14 @@ import pytest
 from snapgen_app.errors import SnapGenError
 from training_tools.emoji_world.curation import curate
 from training_tools.emoji_world.dataset_builder import BuildConfig, build
-from training_tools.recipes.emoji_default import Recipe, RecipeConfig, cooldown_start, make_subset, stage_info
+from training_tools.recipes.emoji_default import (
+    Recipe,
+    RecipeConfig,
+    config_from_args,
+    cooldown_start,
+    make_subset,
+    stage_info,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +46,7 @@ def _config(out: Path) -> RecipeConfig:
         batch_size=2,
         checkpoint_every=2,
         threads=1,
+        processes=1,
         warmup_steps=1,
         ablation=False,
         teacher_steps_for_targets=4,
@@ -183,29 +191,34 @@ def test_rerun_skips_finished_stages_and_finalises_a_stopped_one(
 def test_stages_run_as_several_ranks_with_the_same_effective_batch(
     recipe_run: tuple[Recipe, list[str]], tmp_path: Path
 ) -> None:
-    """``processes`` 2: the teacher, KD student and step distillation each train as two CPU ranks
-    under ``accelerate launch``, each rank with half the batch and threads; a stage stopped on its
-    budget cools down and finalises as in one process, and its samples count both ranks."""
+    """``processes`` 2: the teacher and the KD student each train as two CPU ranks under
+    ``accelerate launch``, each rank with half the batch and threads; a stage stopped on its budget
+    cools down and finalises as in one process, and its samples count both ranks. Step distillation
+    (not faster as ranks) stays one process."""
     recipe, _ = recipe_run
     _copy_stages(recipe, tmp_path, ("dataset", "autoencoder", "text-init"))
     lines: list[str] = []
     cfg = recipe.cfg.replace(out=str(tmp_path), processes=2, threads=2, step_distill_batch_size=4)
     ranked = Recipe(cfg, log=lines.append)
     ranked.run(["dataset", "autoencoder", "teacher", "distill", "step_distill"])
-    for stage, batch in (("teacher", 2), ("distill", 2), ("step_distill", 4)):
+    for stage, batch, ranks in (("teacher", 2, 2), ("distill", 2, 2), ("step_distill", 4, 1)):
         saved = json.loads((tmp_path / "configs" / f"{stage}.json").read_text())
-        assert (saved["batch_size"], saved["cpu_threads"]) == (batch // 2, 1), stage
+        assert (saved["batch_size"], saved["cpu_threads"]) == (batch // ranks, 2 // ranks), stage
         assert any(f"{stage}: cooldown, " in line for line in lines), stage
         assert (ranked.final(stage) / "model_index.json").is_file(), stage
         info = stage_info(tmp_path / stage)
-        assert info["processes"] == 2 and info["samples"] == info["steps"] * batch, (stage, info)
+        assert info["processes"] == ranks and info["samples"] == info["steps"] * batch, (stage, info)
         assert ranked.summary()[stage]["samples"] == info["samples"]
         checkpoints = sorted((tmp_path / stage / "checkpoints").glob("step-*"))
-        assert checkpoints and (checkpoints[-1] / "rng-1.safetensors").is_file(), stage  # the second rank's
+        assert checkpoints and (checkpoints[-1] / "rng-1.safetensors").is_file() == (ranks == 2), stage
     with pytest.raises(SnapGenError, match="processes"):
         RecipeConfig(processes=2, threads=3)
-    with pytest.raises(SnapGenError, match="processes"):
-        RecipeConfig(processes=2, ablation=True, parallel=True)
+    # A run folder saved before the field existed resumes as one process; a new one gets two ranks.
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "processes"}
+    assert RecipeConfig.from_dict(saved).processes == 1
+    assert RecipeConfig().processes == 2
+    assert config_from_args(["--out", str(tmp_path / "new"), "--threads", "3"]).processes == 1
+    assert config_from_args(["--out", str(tmp_path / "new")]).processes == 2
 
 
 def test_a_copied_run_trains_a_reopened_teacher_on_and_leaves_the_source_alone(
@@ -309,7 +322,7 @@ def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     assert (cfg.budget_minutes, cfg.eval_per_category, cfg.classifier) == (108.0, 40, "clf")
     # An option given with a non-default value still wins.
     cfg = config_from_args(["--out", str(tmp_path), "--threads", "1"])
-    assert (cfg.threads, cfg.budget_minutes) == (1, 108.0)
+    assert (cfg.threads, cfg.budget_minutes, cfg.processes) == (1, 108.0, 1)  # ranks need 2 threads
     # So does one given with exactly its default value (80 here), and a flag mapped to another field.
     cfg = config_from_args(["--out", str(tmp_path), "--eval-per-category", "80", "--sequential"])
     assert (cfg.eval_per_category, cfg.parallel, cfg.budget_minutes) == (80, False, 108.0)

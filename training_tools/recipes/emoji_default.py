@@ -101,6 +101,7 @@ DIVERGENCE_RETRIES = 2
 # Whose guided trajectories step distillation may learn (RecipeConfig.step_distill_targets_from).
 TARGET_MODELS = ("teacher", "student")
 ABLATION_MATCHES = ("minutes", "samples")  # what the no-KD student is matched in (``ablation_match``)
+RANKED_STAGES = ("teacher", "distill")  # the stages that run as ``processes`` ranks (measured faster)
 
 
 class RecipeError(TrainingError):
@@ -158,13 +159,15 @@ class RecipeConfig(ConfigBase):
     cooldown_fraction: float = 0.1
     checkpoint_every: int = 200
     threads: int = 2  # torch threads of a stage that runs alone
-    # Processes per denoiser stage (teacher, KD student, ablation, step distillation). With N > 1 a
-    # stage runs as N CPU ranks under `accelerate launch` (gloo), each on threads / N torch threads and
-    # batch / N samples: the same effective batch and optimizer steps, the gradients averaged across
-    # ranks. These small UNets use two threads poorly: on a 2-core Zen 4 CPU two 1-thread ranks trained
-    # the teacher 1.16x and the KD student about 1.1x faster than one 2-thread process (session 28,
-    # docs/training.md). The autoencoder, export and evals stay one process.
-    processes: int = 1
+    # Processes of the teacher and KD-student stages (RANKED_STAGES) when they run alone: N > 1 runs
+    # each as N ranks under `accelerate launch` (CPU ranks with gloo), each on threads / N torch
+    # threads and batch / N samples: the same effective batch and optimizer steps, gradients averaged
+    # across ranks. On a 2-core Zen 4 CPU two 1-thread ranks trained the teacher and the KD student
+    # 1.17x faster than one 2-thread process, the no-KD student and step distillation not faster
+    # (median 0.98x, 0.96x; session 28, docs/training.md), so those, the autoencoder, export, evals
+    # and the two students side by side (``parallel``) run as one process. A run folder saved before
+    # this field existed keeps 1.
+    processes: int = 2
     pair_threads: int = 1  # threads of each of the two students when they run side by side
     # The paper's ablation (the student without KD) is opt-in: beside the distilled student (emoji-v7/v8)
     # it took a core from it: 47 samples/s on one thread, 71 alone on two (emoji-v9, docs/training.md).
@@ -186,6 +189,14 @@ class RecipeConfig(ConfigBase):
     ship_dir: str = "model_store/builtin/snapgen-emoji"
     max_ship_mb: float = 80.0
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RecipeConfig:
+        # A run folder (or config file) saved before ``processes`` existed trained its stages as one
+        # process each; resuming or copying it must not turn its checkpoints into two ranks' work.
+        if isinstance(raw, dict) and "processes" not in raw:
+            raw = {**raw, "processes": 1}
+        return super().from_dict(raw)
+
     def validate(self) -> None:
         require(self.budget_minutes > 0, "budget_minutes", "must be positive")
         unknown = set(self.stage_minutes) - set(DEFAULT_SHARES)
@@ -204,11 +215,6 @@ class RecipeConfig(ConfigBase):
                 name,
                 f"must be a multiple of processes ({self.processes}): each rank takes an equal share",
             )
-        require(
-            not (self.processes > 1 and self.parallel),
-            "processes",
-            "several processes per stage and the two students side by side (parallel) share the same cores",
-        )
         require(self.eval_per_category >= 1, "eval_per_category", "must be >= 1")
         require(self.flow_shift > 0, "flow_shift", "must be positive")
         require(self.step_distill_guidance >= 1.0, "step_distill_guidance", "must be >= 1")
@@ -626,7 +632,7 @@ class Recipe:
         if cooling:
             cfg = saved
         else:
-            cfg = self._per_rank(cfg)
+            cfg = self._per_rank(cfg, self._ranks(name, threads))
             cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         clock_path = self.out / "clock" / f"{name}.json"
         budget = None if minutes is None else minutes * 60.0
@@ -697,9 +703,14 @@ class Recipe:
         self.log(f"{name}: finished: {json.dumps(info)}")
         return final
 
-    def _per_rank(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        """A stage's trainer config for one of ``processes`` ranks: its share of the batch and threads."""
-        n = self.cfg.processes
+    def _ranks(self, name: str, threads: int | None) -> int:
+        """Processes of trainer stage ``name``: ``processes`` for a ranked stage that runs alone
+        (``threads`` None), else 1."""
+        return self.cfg.processes if name in RANKED_STAGES and threads is None else 1
+
+    def _per_rank(self, cfg: dict[str, Any], ranks: int) -> dict[str, Any]:
+        """A stage's trainer config for one of ``ranks`` ranks: its share of the batch and threads."""
+        n = ranks
         if n == 1:
             return cfg
         return {
@@ -708,16 +719,16 @@ class Recipe:
             "cpu_threads": max(1, int(cfg["cpu_threads"]) // n),
         }
 
-    def _trainer_argv(self, stage: str, cfg_path: Path) -> list[str]:
-        """``python -m training_tools STAGE CONFIG``, under ``accelerate launch`` with ``processes`` > 1."""
+    def _trainer_argv(self, stage: str, cfg_path: Path, ranks: int) -> list[str]:
+        """``python -m training_tools STAGE CONFIG``, under ``accelerate launch`` for ``ranks`` > 1."""
         trainer = ["-m", "training_tools", stage, str(cfg_path)]
-        if self.cfg.processes == 1:
+        if ranks == 1:
             return [sys.executable, *trainer]
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
         # The trainer picks its own precision (mixed_precision "auto") and never compiles.
         launch += [
             "--num_processes",
-            str(self.cfg.processes),
+            str(ranks),
             "--mixed_precision",
             "no",
             "--dynamo_backend",
@@ -736,7 +747,8 @@ class Recipe:
         clock_path: Path | None,
         threads: int | None,
     ) -> int:
-        argv = self._trainer_argv(stage, cfg_path) + (["--resume"] if resume else [])
+        ranks = self._ranks(name, threads)
+        argv = self._trainer_argv(stage, cfg_path, ranks) + (["--resume"] if resume else [])
         if budget is not None:
             # The stage's time left, so the trainer's progress events count their ETA against it
             # (its max_steps is a placeholder here). The recipe's clock starts a little earlier (at
@@ -747,7 +759,7 @@ class Recipe:
         events = self.out / name / "events.jsonl"
         offset = events.stat().st_size if events.is_file() else 0  # this process's events start here
         with open(log_path, "a") as handle:
-            proc = self._spawn(argv, handle, max(1, (threads or self.cfg.threads) // self.cfg.processes))
+            proc = self._spawn(argv, handle, max(1, (threads or self.cfg.threads) // ranks))
             # The clock runs while the training loop does: start-up and the latent/text cache (5.8
             # min for 30,000 images on the first stage, read back in seconds by the next) are not
             # part of a stage's budget. The loop is seen running at its first progress report (10
@@ -774,7 +786,7 @@ class Recipe:
             self._reap(proc)
         self.check_stop(name)
         rc = int(proc.returncode)
-        if rc != 0 and self.cfg.processes > 1 and _last_event_kind(events, offset) == "cancelled":
+        if rc != 0 and ranks > 1 and _last_event_kind(events, offset) == "cancelled":
             # Ranks that stopped with a checkpoint exit 130, and the launcher reports that as a
             # failure (exit 1); the main rank's last event says which it was.
             rc = 130
@@ -1187,9 +1199,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--processes",
         type=int,
-        default=RecipeConfig.processes,
-        help="ranks per denoiser stage under accelerate launch, each with threads/N threads and batch/N "
-        "samples (2 on a 2-core CPU: 1.1-1.2x faster, docs/training.md)",
+        default=None,
+        help=f"ranks of each denoiser stage under accelerate launch, each with threads/N threads and batch/N "
+        f"samples (default {RecipeConfig.processes} when --threads is a multiple of it, else 1; on a 2-core CPU "
+        "two ranks train 1.17x faster than one process, docs/training.md)",
     )
     p.add_argument(
         "--pair-threads", type=int, default=1, help="threads of each student when the two run side by side"
@@ -1250,9 +1263,10 @@ def config_from_args(argv: Sequence[str]) -> RecipeConfig:
     given = _given_options(argv)
     fields = {_FIELD_OF_OPTION.get(dest, dest) for dest in given} - {"out"}
     values = cfg.to_dict()
-    return RecipeConfig.from_dict(json.loads(saved.read_text())).replace(
-        out=args.out, **{name: values[name] for name in fields if name in values}
-    )
+    base = RecipeConfig.from_dict(json.loads(saved.read_text()))
+    if "threads" in fields and "processes" not in fields and args.threads % base.processes:
+        values["processes"], fields = 1, fields | {"processes"}  # the saved ranks cannot share them
+    return base.replace(out=args.out, **{name: values[name] for name in fields if name in values})
 
 
 # Options whose RecipeConfig field has another name (the rest share theirs).
@@ -1278,6 +1292,11 @@ def _given_options(argv: Sequence[str]) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+def _default_processes(threads: int) -> int:
+    """The default ranks of a stage on ``threads`` threads: each rank gets an equal share."""
+    return RecipeConfig.processes if threads % RecipeConfig.processes == 0 else 1
+
+
 def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
     return RecipeConfig(
         out=args.out,
@@ -1294,7 +1313,7 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
         teacher_steps_for_targets=args.teacher_steps_for_targets,
         step_distill_targets_from=args.step_distill_targets_from,
         threads=args.threads,
-        processes=args.processes,
+        processes=args.processes if args.processes is not None else _default_processes(args.threads),
         pair_threads=args.pair_threads,
         classifier=args.classifier,
         eval_per_category=args.eval_per_category,

@@ -140,7 +140,10 @@ def schedule(cfg: Any) -> str:
     """How the run shared the machine between its stages (the card's "Schedule" sentence)."""
     beside = cfg.ablation and cfg.parallel
     stages = "the autoencoder, the teacher" + ("" if beside else ", the distilled student")
-    alone = f"{stages} and step distillation each run alone ({cfg.threads} torch threads); "
+    ranks = getattr(cfg, "processes", 1)
+    ranked = "the teacher" + ("" if beside else " and the distilled student")
+    split = f"; {ranked} as {ranks} processes of {cfg.threads // ranks} each" if ranks > 1 else ""
+    alone = f"{stages} and step distillation each run alone ({cfg.threads} torch threads{split}); "
     if not cfg.ablation:
         return alone + (
             "the no-distillation student (the paper's ablation) is not part of this run "
