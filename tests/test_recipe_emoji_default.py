@@ -46,7 +46,6 @@ def _config(out: Path) -> RecipeConfig:
         batch_size=2,
         checkpoint_every=2,
         threads=1,
-        processes=1,
         warmup_steps=1,
         ablation=False,
         teacher_steps_for_targets=4,
@@ -213,12 +212,8 @@ def test_stages_run_as_several_ranks_with_the_same_effective_batch(
         assert checkpoints and (checkpoints[-1] / "rng-1.safetensors").is_file() == (ranks == 2), stage
     with pytest.raises(SnapGenError, match="processes"):
         RecipeConfig(processes=2, threads=3)
-    # A run folder saved before the field existed resumes as one process; a new one gets two ranks.
-    saved = {k: v for k, v in cfg.to_dict().items() if k != "processes"}
-    assert RecipeConfig.from_dict(saved).processes == 1
-    assert RecipeConfig().processes == 2
-    assert config_from_args(["--out", str(tmp_path / "new"), "--threads", "3"]).processes == 1
-    assert config_from_args(["--out", str(tmp_path / "new")]).processes == 2
+    assert config_from_args(["--out", str(tmp_path / "new"), "--processes", "2"]).processes == 2
+    assert RecipeConfig().processes == 1  # not a reliable gain on the 2-core CPUs measured (session 28)
 
 
 def test_a_copied_run_trains_a_reopened_teacher_on_and_leaves_the_source_alone(
@@ -322,7 +317,7 @@ def test_a_run_folder_resumes_with_its_saved_config(tmp_path: Path) -> None:
     assert (cfg.budget_minutes, cfg.eval_per_category, cfg.classifier) == (108.0, 40, "clf")
     # An option given with a non-default value still wins.
     cfg = config_from_args(["--out", str(tmp_path), "--threads", "1"])
-    assert (cfg.threads, cfg.budget_minutes, cfg.processes) == (1, 108.0, 1)  # ranks need 2 threads
+    assert (cfg.threads, cfg.budget_minutes) == (1, 108.0)
     # So does one given with exactly its default value (80 here), and a flag mapped to another field.
     cfg = config_from_args(["--out", str(tmp_path), "--eval-per-category", "80", "--sequential"])
     assert (cfg.eval_per_category, cfg.parallel, cfg.budget_minutes) == (80, False, 108.0)

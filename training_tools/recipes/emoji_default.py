@@ -163,11 +163,11 @@ class RecipeConfig(ConfigBase):
     # each as N ranks under `accelerate launch` (CPU ranks with gloo), each on threads / N torch
     # threads and batch / N samples: the same effective batch and optimizer steps, gradients averaged
     # across ranks. On a 2-core Zen 4 CPU two 1-thread ranks trained the teacher and the KD student
-    # 1.17x faster than one 2-thread process, the no-KD student and step distillation not faster
-    # (median 0.98x, 0.96x; session 28, docs/training.md), so those, the autoencoder, export, evals
-    # and the two students side by side (``parallel``) run as one process. A run folder saved before
-    # this field existed keeps 1.
-    processes: int = 2
+    # 1.17x faster than one 2-thread process in one quarter hour and 0.96-1.02x an hour later (session
+    # 28, docs/training.md): not a reliable gain there, so 1 stays the default. The no-KD student and
+    # step distillation were not faster either way; they, the autoencoder, export, evals and the two
+    # students side by side (``parallel``) always run as one process.
+    processes: int = 1
     pair_threads: int = 1  # threads of each of the two students when they run side by side
     # The paper's ablation (the student without KD) is opt-in: beside the distilled student (emoji-v7/v8)
     # it took a core from it: 47 samples/s on one thread, 71 alone on two (emoji-v9, docs/training.md).
@@ -188,14 +188,6 @@ class RecipeConfig(ConfigBase):
     export_precisions: str = "int8,fp32"
     ship_dir: str = "model_store/builtin/snapgen-emoji"
     max_ship_mb: float = 80.0
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RecipeConfig:
-        # A run folder (or config file) saved before ``processes`` existed trained its stages as one
-        # process each; resuming or copying it must not turn its checkpoints into two ranks' work.
-        if isinstance(raw, dict) and "processes" not in raw:
-            raw = {**raw, "processes": 1}
-        return super().from_dict(raw)
 
     def validate(self) -> None:
         require(self.budget_minutes > 0, "budget_minutes", "must be positive")
@@ -1199,10 +1191,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--processes",
         type=int,
-        default=None,
-        help=f"ranks of each denoiser stage under accelerate launch, each with threads/N threads and batch/N "
-        f"samples (default {RecipeConfig.processes} when --threads is a multiple of it, else 1; on a 2-core CPU "
-        "two ranks train 1.17x faster than one process, docs/training.md)",
+        default=RecipeConfig.processes,
+        help="ranks of the teacher and KD-student stages under accelerate launch, each with threads/N "
+        "threads and batch/N samples (docs/training.md, session 28)",
     )
     p.add_argument(
         "--pair-threads", type=int, default=1, help="threads of each student when the two run side by side"
@@ -1263,10 +1254,9 @@ def config_from_args(argv: Sequence[str]) -> RecipeConfig:
     given = _given_options(argv)
     fields = {_FIELD_OF_OPTION.get(dest, dest) for dest in given} - {"out"}
     values = cfg.to_dict()
-    base = RecipeConfig.from_dict(json.loads(saved.read_text()))
-    if "threads" in fields and "processes" not in fields and args.threads % base.processes:
-        values["processes"], fields = 1, fields | {"processes"}  # the saved ranks cannot share them
-    return base.replace(out=args.out, **{name: values[name] for name in fields if name in values})
+    return RecipeConfig.from_dict(json.loads(saved.read_text())).replace(
+        out=args.out, **{name: values[name] for name in fields if name in values}
+    )
 
 
 # Options whose RecipeConfig field has another name (the rest share theirs).
@@ -1292,11 +1282,6 @@ def _given_options(argv: Sequence[str]) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _default_processes(threads: int) -> int:
-    """The default ranks of a stage on ``threads`` threads: each rank gets an equal share."""
-    return RecipeConfig.processes if threads % RecipeConfig.processes == 0 else 1
-
-
 def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
     return RecipeConfig(
         out=args.out,
@@ -1313,7 +1298,7 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
         teacher_steps_for_targets=args.teacher_steps_for_targets,
         step_distill_targets_from=args.step_distill_targets_from,
         threads=args.threads,
-        processes=args.processes if args.processes is not None else _default_processes(args.threads),
+        processes=args.processes,
         pair_threads=args.pair_threads,
         classifier=args.classifier,
         eval_per_category=args.eval_per_category,
