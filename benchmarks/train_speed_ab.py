@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from training_tools.recipes.emoji_default import rank_launcher  # noqa: E402
 
 
 def samples_per_s(events: Path, skip: int) -> float:
@@ -49,10 +51,7 @@ def run_once(
     # -P: the working directory (this checkout, where the config's relative paths point) is not put
     # on sys.path, so PYTHONPATH alone picks which checkout's code runs.
     env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(threads))
-    launch = [sys.executable, "-P"]
-    if ranks > 1:
-        launch += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
-        launch += ["--num_processes", str(ranks), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [sys.executable, "-P"] if ranks == 1 else rank_launcher(ranks)
     done = subprocess.run(
         [*launch, "-m", "training_tools", stage, str(path)],
         cwd=ROOT,

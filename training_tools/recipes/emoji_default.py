@@ -713,20 +713,7 @@ class Recipe:
 
     def _trainer_argv(self, stage: str, cfg_path: Path, ranks: int) -> list[str]:
         """``python -m training_tools STAGE CONFIG``, under ``accelerate launch`` for ``ranks`` > 1."""
-        trainer = ["-m", "training_tools", stage, str(cfg_path)]
-        if ranks == 1:
-            return [sys.executable, *trainer]
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
-        # The trainer picks its own precision (mixed_precision "auto") and never compiles.
-        launch += [
-            "--num_processes",
-            str(ranks),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ]
-        return [*launch, "--main_process_port", str(_free_port()), *trainer]
+        return [*rank_launcher(ranks), "-m", "training_tools", stage, str(cfg_path)]
 
     def _trainer_process(
         self,
@@ -987,6 +974,17 @@ def cooldown_start(steps: int, fraction: float) -> int:
     """``optim.decay_from`` of a run of ``steps`` whose last ``fraction`` of steps cools down (0: none)."""
     cooling = round(fraction * steps)
     return max(1, steps - cooling) if cooling else 0
+
+
+def rank_launcher(ranks: int) -> list[str]:
+    """The command prefix that runs ``-m MODULE ...`` as ``ranks`` processes on this machine:
+    ``accelerate launch`` (gloo on a CPU) for ``ranks`` > 1, else this Python. The trainer picks its
+    own precision (``mixed_precision`` auto) and never compiles."""
+    if ranks == 1:
+        return [sys.executable]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+    launch += ["--num_processes", str(ranks), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launch, "--main_process_port", str(_free_port())]
 
 
 def _free_port() -> int:
