@@ -8,8 +8,8 @@ throw-away run folder) in a worktree of ``--against`` and in this checkout, one 
 ``--rounds`` times, and prints each run's mean samples/s over the steps after ``--skip`` and the
 paired ratio new / old per round. With ``--ranks N`` both arms are this checkout: "old" is the
 config as it is (one process), "new" the same run as N ranks under ``accelerate launch``, each with
-``batch_size`` / N samples and ``cpu_threads`` / N threads (the recipe's ``processes``). This machine's speed drifts by 10-25 % over minutes, so only runs
-next to each other are compared. Relative paths in the config resolve against this checkout. Nothing else should run meanwhile (two torch jobs on two
+``batch_size`` / N samples and ``cpu_threads`` / N threads (the recipe's ``processes``). This
+machine's speed drifts by 10-25 % over minutes, so only runs next to each other are compared. Relative paths in the config resolve against this checkout. Nothing else should run meanwhile (two torch jobs on two
 cores slow each other about 10x).
 """
 

@@ -101,7 +101,7 @@ DIVERGENCE_RETRIES = 2
 # Whose guided trajectories step distillation may learn (RecipeConfig.step_distill_targets_from).
 TARGET_MODELS = ("teacher", "student")
 ABLATION_MATCHES = ("minutes", "samples")  # what the no-KD student is matched in (``ablation_match``)
-RANKED_STAGES = ("teacher", "distill")  # the stages that run as ``processes`` ranks (measured faster)
+RANKED_STAGES = ("teacher", "distill")  # the stages ``processes`` applies to (faster as ranks in one hour)
 
 
 class RecipeError(TrainingError):
@@ -163,10 +163,11 @@ class RecipeConfig(ConfigBase):
     # each as N ranks under `accelerate launch` (CPU ranks with gloo), each on threads / N torch
     # threads and batch / N samples: the same effective batch and optimizer steps, gradients averaged
     # across ranks. On a 2-core Zen 4 CPU two 1-thread ranks trained the teacher and the KD student
-    # 1.17x faster than one 2-thread process in one quarter hour and 0.96-1.02x an hour later (session
-    # 28, docs/training.md): not a reliable gain there, so 1 stays the default. The no-KD student and
-    # step distillation were not faster either way; they, the autoencoder, export, evals and the two
-    # students side by side (``parallel``) always run as one process.
+    # 1.17x faster than one 2-thread process in one hour, the teacher 1.00x (median) in the next (the
+    # KD student not measured again): not a reliable gain there, so 1 stays the default (session 28,
+    # docs/training.md). The no-KD student and step distillation were not faster as ranks even in the
+    # first hour; they, the autoencoder, export, evals and the two students side by side
+    # (``parallel``) always run as one process.
     processes: int = 1
     pair_threads: int = 1  # threads of each of the two students when they run side by side
     # The paper's ablation (the student without KD) is opt-in: beside the distilled student (emoji-v7/v8)
@@ -201,7 +202,7 @@ class RecipeConfig(ConfigBase):
         require(self.threads >= 1, "threads", "must be >= 1")
         require(self.pair_threads >= 1, "pair_threads", "must be >= 1")
         require(self.processes >= 1, "processes", "must be >= 1")
-        for name in ("threads", "batch_size", "step_distill_batch_size"):
+        for name in ("threads", "batch_size"):
             require(
                 getattr(self, name) % self.processes == 0,
                 name,
@@ -702,18 +703,13 @@ class Recipe:
 
     def _per_rank(self, cfg: dict[str, Any], ranks: int) -> dict[str, Any]:
         """A stage's trainer config for one of ``ranks`` ranks: its share of the batch and threads."""
-        n = ranks
-        if n == 1:
+        if ranks == 1:
             return cfg
         return {
             **cfg,
-            "batch_size": int(cfg["batch_size"]) // n,
-            "cpu_threads": max(1, int(cfg["cpu_threads"]) // n),
+            "batch_size": int(cfg["batch_size"]) // ranks,
+            "cpu_threads": max(1, int(cfg["cpu_threads"]) // ranks),
         }
-
-    def _trainer_argv(self, stage: str, cfg_path: Path, ranks: int) -> list[str]:
-        """``python -m training_tools STAGE CONFIG``, under ``accelerate launch`` for ``ranks`` > 1."""
-        return [*rank_launcher(ranks), "-m", "training_tools", stage, str(cfg_path)]
 
     def _trainer_process(
         self,
@@ -727,7 +723,8 @@ class Recipe:
         threads: int | None,
     ) -> int:
         ranks = self._ranks(name, threads)
-        argv = self._trainer_argv(stage, cfg_path, ranks) + (["--resume"] if resume else [])
+        argv = [*rank_launcher(ranks), "-m", "training_tools", stage, str(cfg_path)]
+        argv += ["--resume"] if resume else []
         if budget is not None:
             # The stage's time left, so the trainer's progress events count their ETA against it
             # (its max_steps is a placeholder here). The recipe's clock starts a little earlier (at
