@@ -762,7 +762,7 @@ class Recipe:
             self._reap(proc)
         self.check_stop(name)
         rc = int(proc.returncode)
-        if rc != 0 and ranks > 1 and _last_event_kind(events, offset) == "cancelled":
+        if rc != 0 and ranks > 1 and _last_event(events, offset).get("kind") == "cancelled":
             # Ranks that stopped with a checkpoint exit 130, and the launcher reports that as a
             # failure (exit 1); the main rank's last event says which it was.
             rc = 130
@@ -1028,14 +1028,14 @@ def _training_started(events: Path, offset: int = 0) -> bool:
     return '"kind":"progress"' in text or ('"kind":"log"' in text and "resumedfrom" in text)
 
 
-def _last_event_kind(events: Path, offset: int = 0) -> str | None:
-    """The kind of the last event in ``events`` after byte ``offset`` (None when there is none)."""
+def _last_event(events: Path, offset: int = 0) -> dict[str, Any]:
+    """The last event in ``events`` after byte ``offset`` ({} when there is none)."""
     if not events.is_file():
-        return None
+        return {}
     with events.open("rb") as f:
         f.seek(offset)
         lines = f.read().decode("utf-8", "replace").strip().splitlines()
-    return json.loads(lines[-1]).get("kind") if lines else None
+    return json.loads(lines[-1]) if lines else {}
 
 
 def _clock(path: Path) -> float:
@@ -1260,11 +1260,7 @@ _FIELD_OF_OPTION = {"no_ablation": "ablation", "sequential": "parallel"}  # same
 
 def _divergence(run_dir: Path) -> str | None:
     """The trainer's message when its last run in ``run_dir`` stopped because the loss diverged."""
-    events = run_dir / "events.jsonl"
-    if not events.is_file():
-        return None
-    lines = events.read_text().strip().splitlines()
-    last = json.loads(lines[-1]) if lines else {}
+    last = _last_event(run_dir / "events.jsonl")
     message = str(last.get("message", ""))
     return message if last.get("kind") == "error" and message.startswith("training diverged") else None
 
