@@ -70,6 +70,10 @@ def test_stage_budgets_include_a_runs_stage_overrides() -> None:
     assert sum(default.values()) == RecipeConfig().budget_minutes
     longer = model_card.stage_budgets(RecipeConfig(stage_minutes={"step_distill": 75.0}))
     assert longer["step_distill"] == 75.0 and sum(longer.values()) == 217.0
+    # A stage run for --stage-steps took the minutes its summary says (none before it ran).
+    stepped = RecipeConfig(stage_steps={"teacher": 7300})
+    assert model_card.stage_budgets(stepped, {"teacher": {"minutes": 141.23}})["teacher"] == 141.2
+    assert model_card.stage_budgets(stepped)["teacher"] == 0.0
 
 
 def test_the_schedule_sentence_says_where_the_ablation_ran() -> None:

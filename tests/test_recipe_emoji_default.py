@@ -22,6 +22,7 @@ from training_tools.emoji_world.dataset_builder import BuildConfig, build
 from training_tools.recipes.emoji_default import (
     Recipe,
     RecipeConfig,
+    _last_event,
     config_from_args,
     cooldown_start,
     make_subset,
@@ -415,6 +416,59 @@ def test_an_ablation_matched_in_samples_trains_the_distilled_students_steps(
         RecipeConfig(ablation=True, parallel=True, ablation_match="samples")
     with pytest.raises(Exception, match="ablation_match"):
         RecipeConfig(ablation_match="hours")
+
+
+def test_stages_budgeted_in_steps_run_those_steps_whatever_the_clock_and_resume(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """``--stage-steps``: a denoiser stage runs for its optimizer steps, the last ``cooldown_fraction``
+    of them cooling down, however few minutes the budget gives it (so a run measured on one CPU can be
+    made again on a slower one); a stage stopped on the way goes on to the same step."""
+    from training_tools import checkpoint as ckpt
+
+    recipe, _ = recipe_run
+    _copy_stages(recipe, tmp_path, ("dataset", "cache", "autoencoder", "text-init"))
+    # A budget of a few milliseconds per stage: by minutes, the teacher would stop at its first checkpoint.
+    cfg = recipe.cfg.replace(
+        out=str(tmp_path), budget_minutes=0.001, stage_minutes={}, stage_steps={"teacher": 9, "distill": 4}
+    )
+    lines: list[str] = []
+    Recipe(cfg, log=lines.append).run(["teacher", "distill"])
+    for stage, steps in (("teacher", 9), ("distill", 4)):
+        assert stage_info(tmp_path / stage)["steps"] == steps
+        saved = json.loads((tmp_path / "configs" / f"{stage}.json").read_text())
+        assert saved["max_steps"] == steps
+        assert saved["optim"]["decay_from"] == cooldown_start(steps, cfg.cooldown_fraction)
+        assert json.loads((tmp_path / "summary.json").read_text())[stage]["samples"] == steps * cfg.batch_size
+    assert cooldown_start(9, 0.1) == 8
+    # A crash after step 8: the stage goes on from that checkpoint to step 9 and finalises.
+    import shutil
+
+    shutil.rmtree(tmp_path / "teacher" / "final")
+    assert [p.name for p in ckpt.set_aside(tmp_path / "teacher" / "checkpoints", 9)] == [
+        "diverged-step-00000009"
+    ]
+    lines.clear()
+    Recipe(cfg, log=lines.append).run(["teacher"])
+    assert any(line.endswith("teacher: cooldown goes on to step 9") for line in lines)
+    assert (tmp_path / "teacher" / "final" / "model_index.json").is_file()
+    assert _last_event(tmp_path / "teacher" / "events.jsonl")["step"] == 9
+
+    parsed = config_from_args(
+        ["--out", str(tmp_path / "cli"), "--stage-steps", "teacher=7300", "distill=5200"]
+    )
+    assert parsed.stage_steps == {"teacher": 7300, "distill": 5200}
+    with pytest.raises(SnapGenError, match="--stage-steps 'teacher=ten' is not STAGE=STEPS"):
+        config_from_args(["--out", str(tmp_path / "cli"), "--stage-steps", "teacher=ten"])
+    for bad, field in (
+        ({"stage_steps": {"autoencoder": 5}}, "stage_steps"),  # the autoencoder trains for minutes
+        ({"stage_steps": {"teacher": 0}}, "stage_steps"),
+        ({"stage_steps": {"teacher": 5}, "stage_minutes": {"teacher": 9.0}}, "stage_steps"),
+        ({"stage_steps": {"distill": 5}, "ablation": True}, "ablation_match"),  # no minutes to match
+    ):
+        with pytest.raises(SnapGenError, match=field):
+            RecipeConfig(**bad)
+    RecipeConfig(stage_steps={"distill": 5}, ablation=True, ablation_match="samples")
 
 
 def test_a_python_without_torch_is_refused_before_anything_starts(

@@ -102,6 +102,7 @@ DIVERGENCE_RETRIES = 2
 TARGET_MODELS = ("teacher", "student")
 ABLATION_MATCHES = ("minutes", "samples")  # what the no-KD student is matched in (``ablation_match``)
 RANKED_STAGES = ("teacher", "distill")  # the stages ``processes`` applies to (faster as ranks in one hour)
+STEP_BUDGETED_STAGES = ("teacher", "distill", "step_distill")  # the stages ``stage_steps`` may budget
 
 
 class RecipeError(TrainingError):
@@ -115,6 +116,10 @@ class RecipeConfig(ConfigBase):
     out: str = "runs/emoji-default"
     budget_minutes: float = 162.0  # + dataset, cache, export, eval, start-ups: about 3 h in all
     stage_minutes: dict[str, float] = dataclasses.field(default_factory=dict)  # overrides of the shares
+    # Optimizer steps instead of minutes for a denoiser stage (STEP_BUDGETED_STAGES), the last
+    # ``cooldown_fraction`` of them cooling down: the stage then sees the same samples on any CPU, so a
+    # run measured on one machine can be made again on a slower one (docs/training.md, session 29).
+    stage_steps: dict[str, int] = dataclasses.field(default_factory=dict)
     seed: int = 0
     teacher_preset: str = TEACHER_PRESET
     student_preset: str = STUDENT_PRESET
@@ -196,6 +201,21 @@ class RecipeConfig(ConfigBase):
         require(
             not unknown, "stage_minutes", f"unknown stages {sorted(unknown)}", allowed=sorted(DEFAULT_SHARES)
         )
+        unknown = set(self.stage_steps) - set(STEP_BUDGETED_STAGES)
+        require(
+            not unknown,
+            "stage_steps",
+            f"unknown stages {sorted(unknown)}",
+            allowed=", ".join(STEP_BUDGETED_STAGES),
+        )
+        require(all(int(n) >= 1 for n in self.stage_steps.values()), "stage_steps", "must be >= 1 each")
+        both = set(self.stage_steps) & set(self.stage_minutes)
+        require(not both, "stage_steps", f"{sorted(both)} also given in minutes: give one budget per stage")
+        require(
+            not (self.ablation and self.ablation_match == "minutes" and "distill" in self.stage_steps),
+            "ablation_match",
+            "the distilled student runs for steps, so there are no minutes to match: use 'samples'",
+        )
         require(self.num_images >= 2, "num_images", "must be >= 2")
         require(0 <= self.denoiser_images <= self.num_images, "denoiser_images", "must be in [0, num_images]")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -243,7 +263,7 @@ class RecipeConfig(ConfigBase):
         return 1.0 if self.step_distill_guidance > 1 else self.guidance_scale
 
     def minutes(self, stage: str) -> float:
-        """Wall-time budget of a time-budgeted stage."""
+        """Wall-time budget of a time-budgeted stage (not one in ``stage_steps``)."""
         if stage in self.stage_minutes:
             return float(self.stage_minutes[stage])
         return DEFAULT_SHARES[stage] * self.budget_minutes
@@ -513,11 +533,7 @@ class Recipe:
         minutes: float | None = self.cfg.minutes("distill")
         if self.cfg.ablation_match == "samples":
             # The distilled student's steps at the same batch, with the same share of cooldown.
-            steps = self.steps_of("distill")
-            fields = {
-                "max_steps": steps,
-                "optim": {"decay_from": cooldown_start(steps, self.cfg.cooldown_fraction)},
-            }
+            fields = steps_budget(self.steps_of("distill"), self.cfg.cooldown_fraction)
             minutes = None
         cfg = self.train_config(
             "ablation",
@@ -610,8 +626,12 @@ class Recipe:
         remaining minutes at the stage's measured speed, so it ends at a decayed learning rate and
         writes ``final/`` (EMA weights). With ``cooldown_fraction`` 0 the run is stopped at the
         budget and finalised at the step it reached. Without ``minutes``: run to ``max_steps``.
-        A cooldown interrupted by a crash goes on with its saved config.
+        A cooldown interrupted by a crash goes on with its saved config. A stage in ``stage_steps``
+        runs for those steps whatever ``minutes`` says.
         """
+        if name in self.cfg.stage_steps:
+            cfg = _deep_merge(cfg, steps_budget(int(self.cfg.stage_steps[name]), self.cfg.cooldown_fraction))
+            minutes = None
         final = self.final(name)
         if (final / "model_index.json").is_file():
             self.log(f"{name}: done, skipped")
@@ -973,6 +993,11 @@ def cooldown_start(steps: int, fraction: float) -> int:
     return max(1, steps - cooling) if cooling else 0
 
 
+def steps_budget(steps: int, fraction: float) -> dict[str, Any]:
+    """The trainer-config fields of a stage that runs for ``steps``, the last ``fraction`` cooling down."""
+    return {"max_steps": steps, "optim": {"decay_from": cooldown_start(steps, fraction)}}
+
+
 def rank_launcher(ranks: int) -> list[str]:
     """The command prefix that runs ``-m MODULE ...`` as ``ranks`` processes on this machine:
     ``accelerate launch`` (gloo on a CPU) for ``ranks`` > 1, else this Python. The trainer picks its
@@ -1113,13 +1138,17 @@ def make_subset(source: Path, target: Path, count: int) -> Path:
     return target
 
 
-def _parse_stage_minutes(items: Sequence[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _parse_stage_values(items: Sequence[str], option: str, unit: str, kind: type) -> dict[str, Any]:
+    """``STAGE=VALUE`` items of ``--stage-minutes`` or ``--stage-steps``."""
+    out: dict[str, Any] = {}
     for item in items:
         stage, sep, value = item.partition("=")
-        if not sep:
-            raise SnapGenError(f"--stage-minutes {item!r} is not STAGE=MINUTES")
-        out[stage.strip()] = float(value)
+        try:
+            if not sep:
+                raise ValueError(item)
+            out[stage.strip()] = kind(value)
+        except ValueError:
+            raise SnapGenError(f"{option} {item!r} is not STAGE={unit}") from None
     return out
 
 
@@ -1138,6 +1167,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stage-minutes", nargs="*", default=[], metavar="STAGE=MIN", help="override a stage's share"
+    )
+    p.add_argument(
+        "--stage-steps",
+        nargs="*",
+        default=[],
+        metavar="STAGE=STEPS",
+        help="run a denoiser stage (teacher, distill, step_distill) for optimizer steps instead of minutes: "
+        "the same samples on any CPU",
     )
     p.add_argument(
         "--autoencoder-preset",
@@ -1277,7 +1314,8 @@ def _config_of_args(args: argparse.Namespace) -> RecipeConfig:
     return RecipeConfig(
         out=args.out,
         budget_minutes=args.budget_minutes,
-        stage_minutes=_parse_stage_minutes(args.stage_minutes),
+        stage_minutes=_parse_stage_values(args.stage_minutes, "--stage-minutes", "MINUTES", float),
+        stage_steps=_parse_stage_values(args.stage_steps, "--stage-steps", "STEPS", int),
         autoencoder_preset=args.autoencoder_preset,
         num_images=args.num_images,
         denoiser_images=args.denoiser_images,

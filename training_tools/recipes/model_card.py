@@ -254,12 +254,18 @@ def _quality_limits(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def stage_budgets(cfg: RecipeConfig) -> dict[str, float]:
-    """Minutes of each time-budgeted stage of a run, ``--stage-minutes`` overrides included (a run's
-    ``budget_minutes`` alone misstates them once a stage is overridden)."""
+def stage_budgets(cfg: RecipeConfig, summary: dict[str, Any] | None = None) -> dict[str, float]:
+    """Minutes of each training stage of a run: its budget, ``--stage-minutes`` overrides included (a
+    run's ``budget_minutes`` alone misstates them once a stage is overridden), or for a stage run for
+    ``--stage-steps`` the minutes it took (``summary``; 0 before it ran)."""
     from training_tools.recipes.emoji_default import DEFAULT_SHARES
 
-    return {stage: round(cfg.minutes(stage), 1) for stage in DEFAULT_SHARES}
+    def minutes(stage: str) -> float:
+        if stage in cfg.stage_steps:
+            return float(((summary or {}).get(stage) or {}).get("minutes") or 0.0)
+        return cfg.minutes(stage)
+
+    return {stage: round(minutes(stage), 1) for stage in DEFAULT_SHARES}
 
 
 def _precision_words(summary: dict[str, Any]) -> str:
@@ -280,9 +286,9 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
 
     cfg = recipe.cfg
     default_budget = RecipeConfig().budget_minutes
-    budgets = stage_budgets(cfg)
-    budget = sum(budgets.values())
     summary = recipe.summary()
+    budgets = stage_budgets(cfg, summary)
+    budget = sum(budgets.values())
     results = summary.get("eval", {})
     ae = summary.get("autoencoder", {})
     d = manifest.defaults
@@ -334,7 +340,11 @@ def model_card(recipe: Recipe, manifest: Any, size_bytes: int, measured: dict[st
         "",
         "## Recipe (`python -m training_tools.recipes.emoji_default`)",
         f"Budget of this run: {budget:.0f} min of training wall time ("
-        + ", ".join(f"{stage} {minutes:g}" for stage, minutes in budgets.items())
+        + ", ".join(
+            f"{stage} {minutes:g}"
+            + (f" ({cfg.stage_steps[stage]} steps)" if stage in cfg.stage_steps else "")
+            for stage, minutes in budgets.items()
+        )
         + f"; the recipe's default is {default_budget:.0f} min). Flow matching (x_t = (1-t) x0 + t eps,",
         f"v = eps - x0), logit-normal t, timestep shift {d.shift:g}, {_precision_words(summary)}, CFG dropout 10 % (dropped prompt =",
         f'embedding of ""), batch {cfg.batch_size}, AdamW, EMA {cfg.ema_decay}. Distillation: output + feature KD with',
