@@ -450,7 +450,16 @@ def test_stages_budgeted_in_steps_run_those_steps_whatever_the_clock_and_resume(
     ]
     lines.clear()
     Recipe(cfg, log=lines.append).run(["teacher"])
-    assert any(line.endswith("teacher: cooldown goes on to step 9") for line in lines)
+    assert any(line.endswith("teacher: resuming (to the end)") for line in lines)
+    assert (tmp_path / "teacher" / "final" / "model_index.json").is_file()
+    assert _last_event(tmp_path / "teacher" / "events.jsonl")["step"] == 9
+    # Stopped before its first checkpoint (session 30's KD stage, cut a minute after it started): the
+    # stage starts again from step 0 rather than stopping with "before its first checkpoint".
+    shutil.rmtree(tmp_path / "teacher" / "final")
+    shutil.rmtree(tmp_path / "teacher" / "checkpoints")
+    assert (tmp_path / "teacher" / "train_config.json").is_file()  # its decay_from (8) set from the start
+    lines.clear()
+    Recipe(cfg, log=lines.append).run(["teacher"])
     assert (tmp_path / "teacher" / "final" / "model_index.json").is_file()
     assert _last_event(tmp_path / "teacher" / "events.jsonl")["step"] == 9
 

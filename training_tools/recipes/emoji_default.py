@@ -629,7 +629,8 @@ class Recipe:
         A cooldown interrupted by a crash goes on with its saved config. A stage in ``stage_steps``
         runs for those steps whatever ``minutes`` says.
         """
-        if name in self.cfg.stage_steps:
+        by_steps = name in self.cfg.stage_steps
+        if by_steps:
             cfg = _deep_merge(cfg, steps_budget(int(self.cfg.stage_steps[name]), self.cfg.cooldown_fraction))
             minutes = None
         final = self.final(name)
@@ -639,9 +640,13 @@ class Recipe:
         run_dir = self.out / name
         cfg_path = self.out / "configs" / f"{name}.json"
         saved = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        cooling = (run_dir / "train_config.json").is_file() and saved.get("optim", {}).get(
-            "decay_from", 0
-        ) > 0
+        # A cooldown this recipe started (a minutes stage past its stable phase). A steps stage has
+        # its decay_from from the start: it is one run to max_steps, however often it is resumed.
+        cooling = (
+            not by_steps
+            and (run_dir / "train_config.json").is_file()
+            and saved.get("optim", {}).get("decay_from", 0) > 0
+        )
         if cooling:
             cfg = saved
         else:
@@ -677,6 +682,11 @@ class Recipe:
                 )
         if not (final / "model_index.json").is_file():
             step = _latest_step(run_dir)
+            if by_steps:  # its trainer was stopped from outside the recipe
+                raise RecipeError(
+                    f"stage {name} stopped at step {step or 0} of {cfg['max_steps']}",
+                    hint="run the same command again; it goes on from the last checkpoint",
+                )
             if step is None:
                 raise RecipeError(
                     f"stage {name} stopped before its first checkpoint", hint="give it more minutes"
