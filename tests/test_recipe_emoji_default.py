@@ -107,7 +107,7 @@ def test_a_diverging_stage_goes_on_with_the_next_seed_a_bounded_number_of_times(
     recipe, _ = recipe_run
     _copy_stages(recipe, tmp_path, ("dataset", "autoencoder", "text-init"))
     lines: list[str] = []
-    cfg = recipe.cfg.replace(out=str(tmp_path), teacher_lr=1e30, stage_minutes={"teacher": 0.5})
+    cfg = recipe.cfg.replace(out=str(tmp_path), teacher_lr=1e30, stage_minutes={"teacher": 5.0})
     with pytest.raises(RecipeError, match="stage teacher failed"):
         Recipe(cfg, log=lines.append).run(["dataset", "autoencoder", "teacher"])
     retries = [line for line in lines if "going on from its last healthy checkpoint" in line]
@@ -116,6 +116,14 @@ def test_a_diverging_stage_goes_on_with_the_next_seed_a_bounded_number_of_times(
     assert retries[0].endswith("seed 1") and retries[1].endswith("seed 2")
     assert json.loads((tmp_path / "configs" / "teacher.json").read_text())["seed"] == 2
     assert not (tmp_path / "teacher" / "final").exists()
+
+    # The same command again resumes with the seed the stage was going on with, not the recipe's
+    # (which would replay the steps that blew up from the same checkpoint).
+    lines.clear()
+    with pytest.raises(RecipeError, match="stage teacher failed"):
+        Recipe(cfg, log=lines.append).run(["dataset", "autoencoder", "teacher"])
+    retries = [line for line in lines if "going on from its last healthy checkpoint" in line]
+    assert retries[0].endswith("seed 3") and retries[1].endswith("seed 4")
 
 
 def test_stages_chain_into_a_step_distilled_checkpoint(recipe_run: tuple[Recipe, list[str]]) -> None:

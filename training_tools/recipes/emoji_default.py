@@ -651,6 +651,10 @@ class Recipe:
             cfg = saved
         else:
             cfg = self._per_rank(cfg, self._ranks(name, threads))
+            if (run_dir / "train_config.json").is_file() and "seed" in saved:
+                # A resumed stage keeps the seed it was going on with: after a divergence retry that
+                # is the next seed, and the recipe's own would replay the steps that blew up.
+                cfg = {**cfg, "seed": saved["seed"]}
             cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
         clock_path = self.out / "clock" / f"{name}.json"
         budget = None if minutes is None else minutes * 60.0
