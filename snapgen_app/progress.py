@@ -14,6 +14,7 @@ import json
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -96,17 +97,28 @@ class CancelToken:
 
 
 class EtaEstimator:
-    """Seconds remaining from the mean time per unit so far (simple, monotone enough for a bar)."""
+    """Seconds remaining at the rate of the last ``window`` reports (from the start until there are
+    that many). A run that was paused (a laptop asleep, a second job on the same cores) shows a
+    sensible estimate again once ``window`` reports have passed, where a mean since the start
+    would stay inflated for the rest of the run."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, window: int = 32, clock: Callable[[], float] = time.monotonic) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
         self.total = total
-        self._start = time.monotonic()
+        self._clock = clock
+        self._seen: deque[tuple[float, int]] = deque([(clock(), 0)], maxlen=window + 1)
 
     def eta(self, done: int) -> float | None:
+        now = self._clock()
         if done <= 0 or self.total <= 0:
             return None
-        elapsed = time.monotonic() - self._start
-        return elapsed / done * max(0, self.total - done)
+        if done > self._seen[-1][1]:
+            self._seen.append((now, done))
+        then, done_then = self._seen[0]
+        if done <= done_then:  # no progress since the window's start (a count that went back)
+            return None
+        return (now - then) / (done - done_then) * max(0, self.total - done)
 
 
 def emit(on_event: EventCallback | None, event: Event) -> None:
