@@ -217,10 +217,21 @@ def read_metadata_captions(folder: Path) -> dict[str, str]:
     return captions
 
 
+def read_caption(path: Path) -> str:
+    """A caption file's text, stripped: UTF-8 (a byte-order mark dropped), else Windows-1252, the
+    encoding older Windows editors save in (shared with the trainer's data loader)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace").strip()
+
+
 def check_images_folder(folder: str | Path) -> FolderReport:
     """List the images of ``folder`` (recursively, like the trainer) with their captions; opens each
     image header to find unreadable ones. Raises UsageError when there is no usable image."""
-    from PIL import Image, UnidentifiedImageError
+
+    from snapgen_app.images import UNREADABLE, checked_size
 
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -232,23 +243,32 @@ def check_images_folder(folder: str | Path) -> FolderReport:
             f"{root} has no images ({len(files)} other files)",
             hint=f"put your pictures there as {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS[:4])}",
         )
+    shared: dict[Path, list[str]] = {}
+    for path in candidates:
+        shared.setdefault(path.with_suffix(CAPTION_EXTENSION), []).append(path.relative_to(root).as_posix())
+    clashes = [names for names in shared.values() if len(names) > 1]
+    if clashes:  # the wizard writes each caption as the .txt beside its image: one file, two captions
+        raise UsageError(
+            f"{' and '.join(clashes[0])} would share the caption file "
+            f"{Path(clashes[0][0]).with_suffix(CAPTION_EXTENSION).as_posix()}"
+            + (f" ({len(clashes) - 1} more such names)" if len(clashes) > 1 else ""),
+            hint="rename one of them so that every image has a name of its own",
+        )
     metadata = read_metadata_captions(root) if (root / METADATA_FILE).is_file() else None
     images: list[ImageEntry] = []
     unreadable: list[tuple[str, str]] = []
     for path in candidates:
         name = path.relative_to(root).as_posix()
         try:
-            with Image.open(path) as image:
-                width, height = image.size
-                image.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            width, height = checked_size(path)
+        except UNREADABLE as exc:
             unreadable.append((name, str(exc) or type(exc).__name__))
             continue
         txt = path.with_suffix(CAPTION_EXTENSION)
         if metadata is not None and name in metadata:
             caption, source = metadata[name], "metadata"
         elif txt.is_file():
-            caption, source = txt.read_text(encoding="utf-8").strip(), "txt"
+            caption, source = read_caption(txt), "txt"
         else:
             caption, source = caption_from_filename(name), "filename"
         images.append(ImageEntry(name, caption, source, width, height))

@@ -61,6 +61,30 @@ def test_folders_without_images_are_refused(tmp_path: Path) -> None:
         ft.check_images_folder(tmp_path / "bad")
 
 
+def test_folder_report_reads_photos_and_captions_as_people_made_them(tmp_path: Path) -> None:
+    """A portrait phone photo stored sideways with an EXIF orientation tag reports its shown size;
+    a caption saved by an old Windows editor (cp1252) or with a UTF-8 byte-order mark reads as
+    written; two images that would share one caption file are refused up front."""
+    root = tmp_path / "pics"
+    root.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    Image.new("RGB", (40, 24), (0, 90, 200)).save(root / "portrait.jpg", exif=exif.tobytes())
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(root / "cafe.png")
+    (root / "cafe.txt").write_bytes("a café at noon\n".encode("cp1252"))
+    Image.new("RGB", (16, 16), (200, 200, 10)).save(root / "bom.png")
+    (root / "bom.txt").write_bytes("\ufeffa sunny crème brûlée\n".encode("utf-8"))
+    report = ft.check_images_folder(root)
+    entries = {e.name: e for e in report.images}
+    assert (entries["portrait.jpg"].width, entries["portrait.jpg"].height) == (24, 40)
+    assert entries["cafe.png"].caption == "a café at noon"
+    assert entries["bom.png"].caption == "a sunny crème brûlée"
+
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(root / "cafe.jpg")
+    with pytest.raises(UsageError, match=r"cafe.jpg and cafe.png would share the caption file cafe.txt"):
+        ft.check_images_folder(root)
+
+
 def test_write_captions(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "pics")
     written = ft.write_captions(folder, {"blue_sky.jpg": "  a clear blue sky "})

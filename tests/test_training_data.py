@@ -113,6 +113,36 @@ def test_only_unreadable_images_is_a_clear_error(tmp_path: Path) -> None:
         )
 
 
+def test_pictures_load_as_a_viewer_shows_them(tmp_path: Path) -> None:
+    """A phone photo stored sideways with an EXIF orientation tag loads upright (and its bucket
+    size is the shown one); a transparent PNG (transparent pixels stored as black) loads on white;
+    a 16-bit grey PNG keeps its greys instead of clipping to white."""
+    import numpy as np
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 wide, 20 high; shown turned a quarter clockwise: 20 wide, 40 high
+    photo = Image.new("RGB", (40, 20), (0, 0, 255))
+    photo.paste((255, 0, 0), (0, 0, 20, 20))  # red on the stored left half: the shown top half
+    photo.save(tmp_path / "photo.png", exif=exif.tobytes())
+    assert data.image_size(str(tmp_path / "photo.png")) == (40, 20)
+    upright = data.load_image(str(tmp_path / "photo.png"), (40, 20))
+    assert upright[0, :16].mean() > 0.9 and upright[2, :16].mean() < -0.9  # red on top
+    assert upright[0, 24:].mean() < -0.9 and upright[2, 24:].mean() > 0.9  # blue below
+
+    sticker = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    sticker.paste((0, 160, 0, 255), (4, 4, 12, 12))
+    sticker.save(tmp_path / "sticker.png")
+    flat = data.load_image(str(tmp_path / "sticker.png"), (16, 16))
+    assert torch.allclose(flat[:, 0, 0], torch.ones(3))  # the transparent corner is white
+    assert flat[1, 8, 8] > 0.2 and flat[0, 8, 8] < -0.9  # the green square stays green
+
+    grey = np.full((16, 16), 30000, dtype=np.uint16)  # 46 % grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "scan.png")
+    assert Image.open(tmp_path / "scan.png").mode.startswith("I")
+    loaded = data.load_image(str(tmp_path / "scan.png"), (16, 16))
+    assert loaded.mean().item() == pytest.approx(117 / 127.5 - 1.0, abs=0.01)  # 30000 // 256 = 117
+
+
 def test_aspect_buckets_group_batches_by_shape(tmp_path: Path) -> None:
     buckets = data.aspect_buckets(64, 32)
     assert all(h % 32 == 0 and w % 32 == 0 for h, w in buckets)

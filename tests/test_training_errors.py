@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
 import pytest
 import test_training_helpers as helpers
 import torch
+from safetensors import SafetensorError
 from test_training_helpers import (
     base_config,
     run_quietly,
@@ -116,8 +116,8 @@ def test_disk_full_at_checkpoint_time_keeps_the_previous_checkpoint(
     def filling_disk(tensors: dict[str, torch.Tensor], filename: str) -> None:
         if "step-00000004" in filename:  # the disk fills while the second checkpoint is written
             calls["n"] += 1
-            Path(filename).write_bytes(b"\0" * 64)  # a partial file, then ENOSPC
-            raise OSError(errno.ENOSPC, "No space left on device")
+            Path(filename).write_bytes(b"\0" * 64)  # a partial file, then what safetensors raises
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         real_save(tensors, filename)
 
     monkeypatch.setattr(checkpoint, "save_file", filling_disk)

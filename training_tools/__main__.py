@@ -78,6 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SnapGenError as exc:
         print(f"training_tools: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the disk filled, a folder went away or lost its permissions mid-run
+        print(
+            f"training_tools: error: {exc} (free disk space or fix the folder, then run the same "
+            "command with --resume: it goes on from the last checkpoint)",
+            file=sys.stderr,
+        )
+        return 1
     if trainer.teardown_hung:  # the run is saved; a stuck process-group thread must not keep us alive
         print("training_tools: warning: process-group teardown did not return; leaving", file=sys.stderr)
         sys.stdout.flush()

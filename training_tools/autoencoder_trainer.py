@@ -36,6 +36,7 @@ from PIL import Image
 
 from snapgen_app.config import ConfigBase, require
 from snapgen_app.errors import SnapGenError, TrainingError
+from snapgen_app.images import rgb_image
 from snapgen_app.model.autoencoder import SnapGenAutoencoder, autoencoder_preset
 from training_tools import checkpoint as ckpt
 from training_tools.data import scan_folder
@@ -94,7 +95,7 @@ def load_images(paths: list[str], resolution: int) -> torch.Tensor:
     out = torch.empty((len(paths), 3, resolution, resolution), dtype=torch.uint8)
     for i, path in enumerate(paths):
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = rgb_image(img)
             if img.size != (resolution, resolution):
                 img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
             out[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)

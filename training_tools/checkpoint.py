@@ -10,15 +10,18 @@ full disk while writing leaves the previous checkpoint untouched and ``latest`` 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from snapgen_app.errors import TrainingError
@@ -44,7 +47,13 @@ def begin(root: Path, step: int) -> Path:
 def write_group(tmp: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
     """Write one group of tensors as ``name.safetensors`` (contiguous CPU copies)."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(clean, str(tmp / f"{name}.safetensors"))
+    try:
+        save_file(clean, str(tmp / f"{name}.safetensors"))
+    except SafetensorError as exc:
+        # safetensors reports a failed write (a full disk: "... (os error 28)") as its own error
+        # type; as an OSError it takes the trainer's path that keeps the previous checkpoint.
+        code = re.search(r"os error (\d+)", str(exc))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(exc)) from exc
 
 
 def _fsync_dir(path: Path) -> None:

@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from snapgen_app.errors import TrainingError
-from snapgen_app.finetune import IMAGE_EXTENSIONS, METADATA_FILE, read_metadata_captions
+from snapgen_app.finetune import IMAGE_EXTENSIONS, METADATA_FILE, read_caption, read_metadata_captions
+from snapgen_app.images import UNREADABLE, checked_size, rgb_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ def scan_folder(folder: str | Path, caption_extension: str = ".txt") -> ScanRepo
         if metadata is not None and rel in metadata:
             report.items.append(Item(str(image), metadata[rel], "metadata"))
         elif txt.exists():
-            report.items.append(Item(str(image), txt.read_text().strip(), "txt"))
+            report.items.append(Item(str(image), read_caption(txt), "txt"))
             used_captions.add(txt)
         else:
             report.items.append(Item(str(image), caption_from_filename(image), "filename"))
@@ -124,9 +125,10 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
 
 
 def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """Image file -> [3, H, W] float32 in [-1, 1]: resized to cover ``size`` (H, W), center-cropped."""
+    """Image file -> [3, H, W] float32 in [-1, 1]: upright and flattened onto white
+    (:func:`~snapgen_app.images.rgb_image`), resized to cover ``size`` (H, W), center-cropped."""
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        img = rgb_image(img)
         target_h, target_w = size
         scale = max(target_h / img.height, target_w / img.width)
         resized = img.resize(
@@ -141,10 +143,10 @@ def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(height, width) without decoding the pixels; raises on an unreadable file."""
-    with Image.open(path) as img:
-        img.verify()
-        return img.height, img.width
+    """(height, width) as shown (EXIF orientation applied) without decoding the pixels; raises on
+    an unreadable file."""
+    width, height = checked_size(path)
+    return height, width
 
 
 # --- caches -------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def _encode_images(
                 try:
                     pixels.append(load_image(items[i].path, size))
                     chunk.append(i)
-                except (OSError, UnidentifiedImageError, ValueError) as exc:
+                except UNREADABLE as exc:
                     skipped.append({"file": items[i].path, "reason": f"{type(exc).__name__}: {exc}"[:200]})
             if chunk:
                 with torch.no_grad():
@@ -263,7 +265,7 @@ def build_cache(
     for item in report.items:
         try:
             h, w = image_size(item.path)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except UNREADABLE as exc:
             skipped.append({"file": item.path, "reason": f"{type(exc).__name__}: {exc}"[:200]})
             continue
         readable.append(item)
