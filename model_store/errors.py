@@ -8,6 +8,11 @@ own tree; the ``hint`` attribute says what the person can do about it.
 
 from __future__ import annotations
 
+import errno
+
+#: errno values that mean "no room left": the disk is full or the user's quota is used up.
+DISK_FULL_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
 
 class StoreError(Exception):
     """Base of every error the model store raises on purpose."""

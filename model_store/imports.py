@@ -21,7 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model_store.bundle import MANIFEST_NAME, check_relative_path, is_pickle_name, read_manifest
-from model_store.errors import InvalidModelError, NotEnoughSpaceError, StoreCancelled, UnsafeFileError
+from model_store.errors import (
+    DISK_FULL_ERRNOS,
+    InvalidModelError,
+    NotEnoughSpaceError,
+    StoreCancelled,
+    StoreError,
+    UnsafeFileError,
+)
 from model_store.registry import CHECKPOINT_INDEX, ModelSource, RegisteredModel, Registry, name_from
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,25 @@ def import_model(
             f"{src} does not exist", hint="give the path of a model folder or a .zip file"
         )
     source = ModelSource(type="import", request=str(src.resolve()))
+    try:
+        return _import(src, name, link, overwrite, registry, source, cancel)
+    except OSError as exc:  # the disk filled, a file could not be read, no symlink privilege...
+        kind = NotEnoughSpaceError if exc.errno in DISK_FULL_ERRNOS else StoreError
+        raise kind(
+            f"importing {src} failed: {exc}",
+            hint="nothing was installed; free some disk space or check the files, then import again",
+        ) from None
+
+
+def _import(
+    src: Path,
+    name: str | None,
+    link: bool,
+    overwrite: bool,
+    registry: Registry,
+    source: ModelSource,
+    cancel: Callable[[], bool] | None,
+) -> RegisteredModel:
     if src.is_dir():
         model_name = name or _default_name(src, src.name)
         return registry.install(src, model_name, source=source, link=link, overwrite=overwrite)

@@ -51,6 +51,7 @@ from model_store.errors import (
     InvalidModelError,
     ModelExistsError,
     ModelNotFoundError,
+    NotEnoughSpaceError,
     ProtectedModelError,
     RegistryError,
     StoreError,
@@ -353,6 +354,22 @@ else:
 # the registry
 
 
+class _CopyFailed(Exception):
+    """An OSError of one file, carried past ``shutil.copytree`` (which would collect every file's
+    error and go on copying onto a full disk) so the copy stops at the first failure."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _copy_or_stop(src: str, dst: str) -> str:
+    try:
+        return shutil.copy2(src, dst)
+    except OSError as exc:
+        raise _CopyFailed(exc) from exc
+
+
 class Registry:
     """The index of installed models under ``home`` (default: ``paths.store_home()``).
 
@@ -583,16 +600,31 @@ class Registry:
         info = inspect_model_folder(src_path, verify=verify)
         if not overwrite:
             self.ensure_name_free(name)
-        if link:
-            staged = self.new_staging_dir(name)
-            staged.rmdir()
-            os.symlink(src_path.resolve(), staged, target_is_directory=True)
-        elif move:
-            staged = src_path
-        else:
-            staged = self.new_staging_dir(name)
-            shutil.rmtree(staged)
-            shutil.copytree(src_path, staged, symlinks=False)
+        staged: Path | None = None
+        try:
+            if link:
+                staged = self.new_staging_dir(name)
+                staged.rmdir()
+                os.symlink(src_path.resolve(), staged, target_is_directory=True)
+            elif move:
+                staged = src_path
+            else:
+                staged = self.new_staging_dir(name)
+                shutil.rmtree(staged)
+                free = shutil.disk_usage(staged.parent).free
+                if info.size_bytes > free:
+                    raise NotEnoughSpaceError(
+                        f"copying {src_path} needs {info.size_bytes} bytes but {staged.parent} has {free} free",
+                        hint="free some disk space, set SNAPGEN_HOME to a larger disk, or import with --link",
+                    )
+                try:
+                    shutil.copytree(src_path, staged, symlinks=False, copy_function=_copy_or_stop)
+                except _CopyFailed as failed:
+                    raise failed.error from None
+        except BaseException:  # a half-made copy or link must not stay in staging
+            if not move and staged is not None and (staged.exists() or staged.is_symlink()):
+                _remove_path(staged)
+            raise
         model = RegisteredModel(
             name=name,
             kind=info.kind,

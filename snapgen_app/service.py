@@ -14,7 +14,6 @@ nothing reaches the network.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import secrets
@@ -30,7 +29,7 @@ import numpy as np
 
 from model_store import bundle as store_bundle
 from model_store import registry
-from model_store.errors import StoreError
+from model_store.errors import DISK_FULL_ERRNOS, StoreError
 from model_store.paths import store_home
 from snapgen_app import __version__
 from snapgen_app.api import GENERATE_STAGE, MAX_SEED, GenerationRequest, GenerationResult, StepEvent
@@ -216,10 +215,6 @@ def generate(
     """
     with reporting_outcome(on_event, GENERATE_STAGE):
         return _generate(request, on_event, cancel)
-
-
-#: errno values that mean "no room left": the disk is full or the user's quota is used up.
-DISK_FULL_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 def _write_images(files: list[tuple[Path, bytes]]) -> None:

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from model_store.errors import (
     InvalidModelError,
     ModelExistsError,
     ModelNotFoundError,
+    NotEnoughSpaceError,
     ProtectedModelError,
     UnsafeFileError,
 )
@@ -163,6 +165,39 @@ def test_import_folder_copy_and_link(kept: Registry, tmp_path: Path) -> None:
     make_checkpoint(tmp_path / "ckpt")
     assert import_model(tmp_path / "ckpt", registry=kept).kind == "checkpoint"
     assert_keep_intact(kept)
+
+
+def test_an_import_that_fills_the_disk_leaves_nothing_behind(
+    kept: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills half way through copying a folder: one NotEnoughSpaceError (a StoreError, so
+    the command line prints one line), the half copy removed from staging, nothing installed."""
+    import errno
+    import shutil
+
+    make_bundle(tmp_path / "big", name="big")
+    real_copy = shutil.copyfile  # what shutil.copy2, copytree's copier, writes with
+    copied: list[str] = []
+
+    def filling_disk(src: str, dst: str, **kwargs: Any) -> str:
+        if copied:
+            raise OSError(errno.ENOSPC, "No space left on device", dst)
+        copied.append(src)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", filling_disk)
+    with pytest.raises(NotEnoughSpaceError, match=r"importing .*big failed: .*No space left on device"):
+        import_model(tmp_path / "big", registry=kept)
+    assert copied  # it failed after the first file, not before copying
+    assert not list(kept.staging_dir.iterdir())
+    assert "big" not in kept.names()
+    assert_keep_intact(kept)
+
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=10))
+    with pytest.raises(NotEnoughSpaceError, match=r"needs .* bytes but .* has 10 free"):
+        import_model(tmp_path / "big", registry=kept)  # refused before copying anything
+    assert not list(kept.staging_dir.iterdir())
 
 
 def test_import_zip_with_top_folder(kept: Registry, tmp_path: Path) -> None:
