@@ -556,10 +556,12 @@ class _ReportingFile:
         return self._raw.tell()
 
     def truncate(self, size: int | None = None) -> int:
-        # the server ignored our Range header: http_get restarts the file from zero
+        # The server ignored our Range header and sends the whole file: http_get has seeked back to
+        # where this file started and cuts it there (``size`` None: at the current position).
+        keep = self._raw.tell() if size is None else size
         before = self._raw.seek(0, os.SEEK_END)
-        self._raw.seek(size if size is not None else before)
-        after = self._raw.truncate(size)
+        self._raw.seek(keep)
+        after = self._raw.truncate(keep)
         self._tracker.add(after - before)
         return after
 

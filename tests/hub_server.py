@@ -117,7 +117,8 @@ class FakeHub:
 
     Faults for tests: ``drop[path] = [bytes_to_send, times]`` cuts the connection mid-body;
     ``fail[path] = status`` answers GETs with that status; ``corrupt[path] = bytes`` serves other
-    bytes (same size) than the ones listed. ``requests`` logs (method, path, Range header).
+    bytes (same size) than the ones listed; ``ignore_range`` answers every GET with 200 and the
+    whole file, as some mirrors and CDNs do. ``requests`` logs (method, path, Range header).
     """
 
     def __init__(self) -> None:
@@ -125,6 +126,7 @@ class FakeHub:
         self.drop: dict[str, list[int]] = {}
         self.fail: dict[str, int] = {}
         self.corrupt: dict[str, bytes] = {}
+        self.ignore_range = False
         self.requests: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         hub = self
@@ -262,7 +264,7 @@ class FakeHub:
         served = self.corrupt.get(name, data)
         start = 0
         range_header = req.headers.get("Range")
-        if range_header and range_header.startswith("bytes=") and not head:
+        if range_header and range_header.startswith("bytes=") and not head and not self.ignore_range:
             start = int(range_header[len("bytes=") :].split("-")[0])
         body = served[start:]
         req.send_response(206 if start else 200)

@@ -121,6 +121,26 @@ def test_network_down_mid_file_then_resume_later(hub: FakeHub, registry: Registr
     assert all(c.ok for c in verify_bundle(model.path, precisions=["int8"]))
 
 
+def test_resume_from_a_server_that_ignores_range_starts_the_file_again(
+    hub: FakeHub, registry: Registry
+) -> None:
+    """A mirror that answers a resumed request with 200 and the whole file: huggingface_hub rewinds
+    the partial file and writes it again from byte 0; the result is the file, not old bytes + file."""
+    hub.drop["unet.int8.onnx"] = [20_000, 1]
+    hub.fail["unet.int8.onnx"] = 503
+    with pytest.raises(DownloadError):
+        fetch(registry, precision="int8", max_retries=0)
+    kept_bytes = next(registry.staging_dir.rglob("unet.int8.onnx.part")).stat().st_size
+    assert kept_bytes > 0
+    hub.fail.clear()
+    hub.requests.clear()
+    hub.ignore_range = True
+    model = fetch(registry, precision="int8")
+    ranges = [r for m, p, r in hub.requests if m == "GET" and p.endswith("unet.int8.onnx")]
+    assert ranges == [f"bytes={kept_bytes}-"]  # asked to resume, got the whole file
+    assert all(c.ok for c in verify_bundle(model.path, precisions=["int8"]))
+
+
 def test_hash_mismatch_rejected(hub: FakeHub, registry: Registry) -> None:
     original = hub.repos["org/tiny"].commits[hub.repos["org/tiny"].refs["main"]]["unet.int8.onnx"]
     hub.corrupt["unet.int8.onnx"] = original[:-1] + bytes([original[-1] ^ 0xFF])
