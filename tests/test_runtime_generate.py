@@ -257,6 +257,10 @@ def test_reading_metadata_of_a_plain_png_is_a_clear_error(tmp_path: Path) -> Non
     (tmp_path / "not.png").write_text("hello")
     with pytest.raises(UsageError, match="cannot read"):
         read_png_metadata(tmp_path / "not.png")
+    # another tool's parameters chunk with values that are not numbers: a UsageError, not a crash
+    for bad in ("Steps: 20.5, Seed: 1", "Steps: 20, Seed: -", "Steps: 20, Size: autoxauto"):
+        with pytest.raises(UsageError, match="bad value"):
+            parse_a1111_parameters("a cat\n" + bad)
 
 
 # -- model variants ---------------------------------------------------------------------------------

@@ -231,20 +231,20 @@ def parse_a1111_parameters(text: str) -> GenerationRequest:
         prompt, settings = text, ""
     values = _split_settings(settings)
     changes: dict[str, Any] = {}
-    if "Steps" in values:
-        changes["steps"] = int(values["Steps"])
-    if "Seed" in values:
-        changes["seed"] = int(values["Seed"])
-    if "Size" in values and "x" in values["Size"]:
-        width, height = values["Size"].split("x", 1)
-        changes.update(width=int(width), height=int(height))
-    if "CFG scale" in values:
-        changes["guidance_scale"] = float(values["CFG scale"])
-    if "Shift" in values:
-        changes["shift"] = float(values["Shift"])
-    if "Model" in values:
-        changes["model"] = values["Model"]
-    try:
+    try:  # another tool's values ("Steps: 20.0", "Size: auto") are a bad chunk, not a crash
+        if "Steps" in values:
+            changes["steps"] = int(values["Steps"])
+        if "Seed" in values:
+            changes["seed"] = int(values["Seed"])
+        if "Size" in values and "x" in values["Size"]:
+            width, height = values["Size"].split("x", 1)
+            changes.update(width=int(width), height=int(height))
+        if "CFG scale" in values:
+            changes["guidance_scale"] = float(values["CFG scale"])
+        if "Shift" in values:
+            changes["shift"] = float(values["Shift"])
+        if "Model" in values:
+            changes["model"] = values["Model"]
         return GenerationRequest(prompt=prompt.strip(), **changes)
     except ValueError as exc:
         raise UsageError(f"the 'parameters' chunk has a bad value: {exc}") from exc
