@@ -50,6 +50,7 @@ from model_store.bundle import (
     manifest_from_json,
 )
 from model_store.errors import (
+    BadRequestError,
     DownloadError,
     IntegrityError,
     InvalidModelError,
@@ -126,7 +127,7 @@ def parse_repo_spec(spec: str) -> tuple[str, str | None]:
     """Split ``org/name@revision`` into ``("org/name", "revision")``; the revision is optional."""
     repo_id, _, revision = spec.partition("@")
     if not _REPO_RE.match(repo_id) or ".." in repo_id:
-        raise StoreError(
+        raise BadRequestError(
             f"{spec!r} is not a Hub repo id",
             hint="write it as ORG/NAME or ORG/NAME@REVISION (branch, tag or commit)",
         )

@@ -15,7 +15,9 @@ DISK_FULL_ERRNOS: frozenset[int] = frozenset({errno.ENOSPC, getattr(errno, "EDQU
 
 
 class StoreError(Exception):
-    """Base of every error the model store raises on purpose."""
+    """Base of every error the model store raises on purpose; ``exit_code`` is the command line's."""
+
+    exit_code = 1
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -24,6 +26,12 @@ class StoreError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class BadRequestError(StoreError):
+    """What was asked for is malformed (a repo id, a model name): bad usage, exit code 2."""
+
+    exit_code = 2
 
 
 class ManifestError(StoreError):

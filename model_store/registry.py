@@ -48,6 +48,7 @@ from model_store.bundle import (
     verify_or_raise,
 )
 from model_store.errors import (
+    BadRequestError,
     InvalidModelError,
     ModelExistsError,
     ModelNotFoundError,
@@ -77,7 +78,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid model name (lowercase letters, digits, ``. _ -``; max 64)."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith((".", "-")):
-        raise StoreError(
+        raise BadRequestError(
             f"invalid model name {name!r}",
             hint="use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit",
         )

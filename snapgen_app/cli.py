@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except StoreError as exc:  # the model store's own tree (it imports nothing of ours)
         print(f"snapgen: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print("snapgen: interrupted", file=sys.stderr)
         return 130

@@ -76,6 +76,11 @@ def test_errors_are_one_line_with_hint(home: Path, tmp_path: Path, capsys, no_ne
     with pytest.raises(SystemExit) as info:
         main(["models", "remove"])  # missing NAME: argparse usage error
     assert info.value.code == 2
+    # malformed requests are bad usage too (exit 2), not failures (exit 1)
+    assert main(["models", "download", "not a repo!"]) == 2
+    assert "is not a Hub repo id" in capsys.readouterr().err
+    assert main(["models", "import", str(tmp_path / "pickled"), "--name", "My Model"]) == 2
+    assert "invalid model name 'My Model'" in capsys.readouterr().err
 
 
 def test_list_available_shows_catalog(home: Path, capsys, no_network) -> None:

@@ -87,7 +87,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _guard(handler: Handler) -> Handler:
-    """Turn a StoreError into the one-line message and exit code 1."""
+    """Turn a StoreError into the one-line message and its exit code (2 for bad usage, else 1)."""
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
@@ -95,7 +95,7 @@ def _guard(handler: Handler) -> Handler:
             return handler(args)
         except StoreError as exc:
             print(f"snapgen: error: {exc}", file=sys.stderr)
-            return 1
+            return exc.exit_code
 
     return run
 
