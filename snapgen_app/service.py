@@ -262,6 +262,20 @@ def _generate(
         optimized_cache=str(store_home() / "cache" / "onnxruntime"),
     )
     loaded, was_cached = load_pipeline(root, precision, providers, options)
+    if request.precision == "auto" and providers[0] != CPU and loaded.pipeline.provider_used == CPU:
+        # The GPU provider is installed but cannot run here (no device, a CUDA/cuDNN mismatch):
+        # onnxruntime fell back to the CPU, so pick the variant that is best on the CPU instead.
+        cpu_precision = _choose_precision(root, manifest, "auto", CPU)
+        if cpu_precision != precision:
+            log.warning(
+                "%s fell back to the CPU: running the %s variant instead of %s",
+                providers[0],
+                cpu_precision,
+                precision,
+            )
+            precision, providers = cpu_precision, [CPU]
+            resolved = resolved.replace(precision=precision)
+            loaded, was_cached = load_pipeline(root, precision, providers, options)
     pipeline = loaded.pipeline
     steps, width, height = int(resolved.steps or 0), int(resolved.width or 0), int(resolved.height or 0)
     pipeline.check_size(width, height)

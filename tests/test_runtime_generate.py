@@ -25,7 +25,7 @@ from snapgen_app.errors import (
 )
 from snapgen_app.pipeline.png import parse_a1111_parameters, read_png_metadata, read_png_text
 from snapgen_app.progress import CancelToken, Event
-from snapgen_app.runtime.providers import PROVIDER_BY_DEVICE, available_providers
+from snapgen_app.runtime.providers import CPU, PROVIDER_BY_DEVICE, available_providers
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +273,24 @@ def test_precision_auto_picks_int8_on_cpu_and_explicit_precision_is_honoured(
     assert service.generate(_request(bundle, tmp_path / "b", precision="fp32")).precision == "fp32"
     with pytest.raises(ConfigError, match="fp16"):
         service.generate(_request(bundle, tmp_path / "c", precision="fp16"))
+
+
+def test_precision_auto_follows_a_gpu_provider_that_falls_back_to_the_cpu(
+    bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnxruntime-gpu installed on a machine whose GPU cannot run it: the build lists CUDA, the
+    session falls back to the CPU. "auto" first picks the GPU's variant (fp32 here), then the CPU's
+    (int8), as on a plain CPU build."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
+    with caplog.at_level("WARNING", logger="snapgen_app.service"):
+        result = service.generate(_request(bundle, tmp_path / "a"))
+    assert (result.precision, result.provider) == ("int8", CPU)
+    assert (
+        "CUDAExecutionProvider fell back to the CPU: running the int8 variant instead of fp32" in caplog.text
+    )
+    assert read_png_text(result.images[0])["precision"] == "int8"
 
 
 def test_guidance_above_one_uses_the_empty_prompt(bundle: Path, tmp_path: Path) -> None:
