@@ -29,11 +29,11 @@ import numpy as np
 
 from model_store import bundle as store_bundle
 from model_store import registry
-from model_store.errors import DISK_FULL_ERRNOS, StoreError
+from model_store.errors import DISK_FULL_ERRNOS, StoreCancelled, StoreError
 from model_store.paths import store_home
 from snapgen_app import __version__
 from snapgen_app.api import GENERATE_STAGE, MAX_SEED, GenerationRequest, GenerationResult, StepEvent
-from snapgen_app.errors import BundleError, ConfigError, ModelNotFoundError, SnapGenError
+from snapgen_app.errors import BundleError, Cancelled, ConfigError, ModelNotFoundError, SnapGenError
 from snapgen_app.pipeline.png import ImageProvenance, encode_png, png_text_chunks, write_files_atomically
 from snapgen_app.pipeline.text_to_image import TextToImagePipeline
 from snapgen_app.progress import CancelToken, EtaEstimator, Event, EventCallback, reporting_outcome
@@ -143,10 +143,15 @@ def _file_stamp(root: Path, names: tuple[str, ...]) -> tuple[tuple[str, int, int
 
 
 def load_pipeline(
-    root: Path, precision: str, providers: list[str], options: RuntimeOptions
+    root: Path,
+    precision: str,
+    providers: list[str],
+    options: RuntimeOptions,
+    cancel: CancelToken | None = None,
 ) -> tuple[_Loaded, bool]:
     """The cached pipeline for this bundle/precision/providers/options, loading and verifying it
-    when needed. Returns (loaded, was_cached). Raises BundleError naming a missing/altered file."""
+    when needed. Returns (loaded, was_cached). Raises BundleError naming a missing/altered file, and
+    Cancelled when ``cancel`` is set while the files are hashed (seconds for a large model)."""
     try:
         manifest = store_bundle.read_manifest(root)
         files = manifest.variant_files(precision)
@@ -162,9 +167,15 @@ def load_pipeline(
         _PIPELINES.pop(key, None)  # stale: a file changed on disk; verify and load again
     start = time.perf_counter()
     try:
-        manifest = store_bundle.verify_or_raise(root, precisions=[precision])
+        manifest = store_bundle.verify_or_raise(
+            root, precisions=[precision], cancel=None if cancel is None else lambda: cancel.cancelled
+        )
+    except StoreCancelled:
+        raise Cancelled("cancelled by the user") from None
     except StoreError as exc:
         raise _store_error(exc) from exc
+    if cancel is not None:
+        cancel.raise_if_cancelled()  # before the sessions are built
     bundle_hash = hashlib.sha256((root / store_bundle.MANIFEST_NAME).read_bytes()).hexdigest()
     pipeline = TextToImagePipeline(root, manifest, precision, providers, options, SessionCache())
     pipeline.load()
@@ -261,7 +272,7 @@ def _generate(
         intra_op_threads=request.threads or 0,
         optimized_cache=str(store_home() / "cache" / "onnxruntime"),
     )
-    loaded, was_cached = load_pipeline(root, precision, providers, options)
+    loaded, was_cached = load_pipeline(root, precision, providers, options, cancel)
     if request.precision == "auto" and providers[0] != CPU and loaded.pipeline.provider_used == CPU:
         # The GPU provider is installed but cannot run here (no device, a CUDA/cuDNN mismatch):
         # onnxruntime fell back to the CPU, so pick the variant that is best on the CPU instead.
@@ -275,7 +286,7 @@ def _generate(
             )
             precision, providers = cpu_precision, [CPU]
             resolved = resolved.replace(precision=precision)
-            loaded, was_cached = load_pipeline(root, precision, providers, options)
+            loaded, was_cached = load_pipeline(root, precision, providers, options, cancel)
     pipeline = loaded.pipeline
     steps, width, height = int(resolved.steps or 0), int(resolved.width or 0), int(resolved.height or 0)
     pipeline.check_size(width, height)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -214,6 +215,34 @@ def test_cancel_before_start_runs_no_step(bundle: Path, tmp_path: Path) -> None:
         service.generate(_request(bundle, tmp_path / "x"), on_event=events.append, cancel=token)
     assert not [e for e in events if e.kind == "progress"]
     assert _files(tmp_path / "x") == []
+
+
+def test_cancel_while_a_model_is_first_loaded_builds_no_session(tmp_path: Path) -> None:
+    """The first load hashes every file (seconds for a large model): a cancel there stops it
+    before any ONNX Runtime session is built, and the next request loads it in full."""
+    root = build_bundle(tmp_path / "fresh", precisions=("int8",))
+    token = CancelToken()
+    hashed: list[str] = []
+
+    def cancel_while_hashing(done: int, total: int, path: str) -> None:
+        hashed.append(path)
+        token.cancel()  # the user presses Cancel while the files are being checked
+
+    from model_store import bundle as store_bundle
+
+    real_verify = store_bundle.verify_or_raise
+
+    def verify_with_progress(*args: Any, **kwargs: Any) -> Any:
+        return real_verify(*args, progress=cancel_while_hashing, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store_bundle, "verify_or_raise", verify_with_progress)
+        with pytest.raises(Cancelled):
+            service.generate(_request(root, tmp_path / "x"), cancel=token)
+    assert hashed  # it was hashing when the cancel came
+    assert not any(key[0] == str(root) for key in service._PIPELINES)
+    assert _files(tmp_path / "x") == []
+    assert service.generate(_request(root, tmp_path / "y")).images
 
 
 # -- PNG metadata -----------------------------------------------------------------------------------
