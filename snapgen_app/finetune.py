@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -917,20 +918,28 @@ def start(
     base = resolve_base(request.base_model, registry)
     report = check_images_folder(request.images_dir)
     interpreter = training_python(python)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_path = report.folder
-    if request.captions is not None:
-        data_path = str(_dataset_with_captions(report, request.captions, run_dir / "dataset"))
-    config = build_config(request, run_dir, data_path, base)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    saved = request.to_dict()
-    saved["base_model"] = request.base_model
-    (run_dir / "request.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
-    (run_dir / "base.json").write_text(
-        json.dumps({"checkpoint": str(base.checkpoint), "bundle": base.bundle, "label": base.label}),
-        encoding="utf-8",
-    )
-    return _launch(RunHandle(run_dir, request), interpreter, resume=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data_path = report.folder
+        if request.captions is not None:
+            data_path = str(_dataset_with_captions(report, request.captions, run_dir / "dataset"))
+        config = build_config(request, run_dir, data_path, base)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        saved = request.to_dict()
+        saved["base_model"] = request.base_model
+        (run_dir / "request.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+        (run_dir / "base.json").write_text(
+            json.dumps({"checkpoint": str(base.checkpoint), "bundle": base.bundle, "label": base.label}),
+            encoding="utf-8",
+        )
+        return _launch(RunHandle(run_dir, request), interpreter, resume=False)
+    except OSError as exc:  # a full disk, a folder without write permission, a trainer that cannot start
+        # The folder was new (or empty): a half-written one would block this name for every retry.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise TrainingError(
+            f"could not start the run {request.name!r}: {exc}",
+            hint=f"nothing was kept; free some disk space or check that {run_dir.parent} is writable, then start again",
+        ) from None
 
 
 def attach(run_dir: str | Path) -> RunHandle:

@@ -245,3 +245,22 @@ def test_folder_without_images_is_a_message(qtbot: QtBot, ui_home: Path, tmp_pat
     page.folder_step.folder_edit.setText(str(tmp_path / "missing"))
     page.wizard.next()
     assert page.wizard.currentId() == FOLDER and "is not a folder" in window.banner.text()
+
+
+def test_a_run_that_cannot_start_leaves_no_folder_to_block_its_name(
+    ui_home: Path, tmp_path: Path, base_checkpoint: Path
+) -> None:
+    """The trainer cannot be started (here: a training Python without its execute bit; in life also
+    a full disk while the run folder is written): one TrainingError, and no half-written run folder
+    that would make every retry fail with "a run named ... already exists"."""
+    from snapgen_app.errors import TrainingError
+
+    folder = make_folder(tmp_path / "pictures")
+    not_runnable = tmp_path / "python"
+    not_runnable.write_text("#!/bin/sh\n")
+    not_runnable.chmod(0o644)
+    request = tiny_request(folder, base_checkpoint, "blocked", steps=10)
+    for _ in range(2):  # the retry meets the same cause again, not the leftover folder
+        with pytest.raises(TrainingError, match="could not start the run 'blocked'"):
+            ft.start(request, python=str(not_runnable), registry=registry_for(ui_home))
+        assert not ft.run_dir_for("blocked").exists()
