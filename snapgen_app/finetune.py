@@ -286,16 +286,25 @@ def write_captions(folder: str | Path, captions: Mapping[str, str]) -> list[Path
     """Write each caption as the same-name ``.txt`` beside its image in ``folder`` (the format the
     trainer reads); returns the files written. Empty captions are refused."""
     root = Path(folder).expanduser()
-    written: list[Path] = []
-    for name, caption in captions.items():
+    planned: list[tuple[Path, str]] = []
+    for name, caption in captions.items():  # every caption checked before any file is written
         text = caption.strip()
         if not text:
             raise ConfigError("captions", f"the caption of {name} is empty")
         image = root / name
         if not image.is_file():
             raise UsageError(f"{image} does not exist", hint="re-check the images folder")
-        target = image.with_suffix(CAPTION_EXTENSION)
-        target.write_text(text + "\n", encoding="utf-8")
+        planned.append((image.with_suffix(CAPTION_EXTENSION), text))
+    written: list[Path] = []
+    for target, text in planned:
+        try:
+            target.write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:  # a read-only folder (an SD card, a share), a full disk
+            raise UsageError(
+                f"could not write {target.name} ({len(written)} of {len(planned)} caption files written): "
+                f"{exc.strerror or exc}",
+                hint="the captions are still used for training; make the folder writable to keep them there",
+            ) from None
         written.append(target)
     return written
 
@@ -801,9 +810,12 @@ class RunHandle:
     # -- control ---------------------------------------------------------------------------------
 
     def _signal(self, marker: str) -> bool:
-        for name in ("paused", "cancelled"):
-            (self.run_dir / name).unlink(missing_ok=True)
-        (self.run_dir / marker).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        try:  # the marker says why the trainer stopped; on a full disk the signal matters more
+            for name in ("paused", "cancelled"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            (self.run_dir / marker).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        except OSError:
+            pass
         if not self.alive() or self.pid is None:
             return False
         try:  # the whole session: accelerate may have started workers
@@ -828,10 +840,15 @@ class RunHandle:
         """Start the trainer again with ``--resume`` (events keep being appended)."""
         if self.alive():
             raise TrainingError(f"run {self.name} is still running", hint="pause it first")
-        if not (self.train_dir / "train_config.json").is_file():
-            # the trainer stopped before creating its run folder: start over
-            return _launch(self, python, resume=False)
-        return _launch(self, python, resume=True)
+        # the trainer stopped before creating its run folder: start over
+        again = (self.train_dir / "train_config.json").is_file()
+        try:
+            return _launch(self, python, resume=again)
+        except OSError as exc:  # a full disk, a training Python that cannot be executed
+            raise TrainingError(
+                f"could not start the run {self.name!r} again: {exc}",
+                hint="free some disk space or check the training Python in Settings, then retry",
+            ) from None
 
 
 _PROGRESS_BAR = re.compile(r"\d+%\|")
@@ -949,7 +966,7 @@ def attach(run_dir: str | Path) -> RunHandle:
         request = FineTuneRequest.from_dict(json.loads((root / "request.json").read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise TrainingError(f"{root} is not a fine-tuning run (no request.json)") from None
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # not JSON, not UTF-8, unreadable
         raise TrainingError(f"{root / 'request.json'} is unreadable: {exc}") from None
     pid = None
     try:
@@ -971,7 +988,7 @@ def list_runs() -> list[RunHandle]:
         if (folder / "request.json").is_file():
             try:
                 handles.append(attach(folder))
-            except TrainingError:
+            except SnapGenError:  # one damaged or outdated run folder must not hide the others
                 continue
     return sorted(handles, key=lambda h: (h.run_dir / "request.json").stat().st_mtime, reverse=True)
 

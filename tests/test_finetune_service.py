@@ -92,6 +92,37 @@ def test_write_captions(tmp_path: Path) -> None:
     assert ft.check_images_folder(folder).missing_captions == {}
     with pytest.raises(ConfigError, match="empty"):
         ft.write_captions(folder, {"blue_sky.jpg": " "})
+    # a caption file that cannot be written (read-only card, full disk; here a folder in its place):
+    # one UsageError, and no caption written before a bad one is found
+    (folder / "blue_sky.txt").unlink()
+    (folder / "blue_sky.txt").mkdir()
+    with pytest.raises(UsageError, match=r"could not write blue_sky.txt \(0 of 1 caption files written\)"):
+        ft.write_captions(folder, {"blue_sky.jpg": "sky"})
+    before = (folder / "red_apple-01.txt").read_text()
+    with pytest.raises(ConfigError, match="empty"):
+        ft.write_captions(folder, {"red_apple-01.png": "changed", "blue_sky.jpg": " "})
+    assert (folder / "red_apple-01.txt").read_text() == before
+
+
+def test_one_damaged_run_folder_does_not_hide_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs listed for reattaching: a folder whose request.json is not UTF-8, or no longer valid
+    (a setting renamed between versions), is skipped; the good run is still found."""
+    monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
+    good = ft.FineTuneRequest(images_dir="/x", base_model="base", name="good")
+    for name, raw in (
+        ("good", json.dumps(good.to_dict()).encode()),
+        ("latin", '{"name": "caf\u00e9"}'.encode("latin-1")),
+        ("outdated", json.dumps({**good.to_dict(), "name": "outdated", "epochs": 3}).encode()),
+    ):
+        folder = tmp_path / "home" / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "request.json").write_bytes(raw)
+    assert [h.name for h in ft.list_runs()] == ["good"]
+    assert ft.running_run() is not None and ft.running_run().name == "good"
+    with pytest.raises(TrainingError, match=r"request\.json is unreadable"):
+        ft.attach(tmp_path / "home" / "runs" / "latin")
 
 
 def test_request_validation_and_round_trip() -> None:

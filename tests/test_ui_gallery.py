@@ -166,3 +166,39 @@ def test_gallery_persists_across_restarts_and_deletes_to_trash(
     assert len(gallery.paths()) == 2 and asked
     gallery.refresh()
     assert len(gallery.paths()) == 2
+
+
+def test_gallery_survives_files_that_vanish_and_viewers_free_their_images(
+    qtbot: QtBot, ui_home: Path, tiny_bundle: Path
+) -> None:
+    """A dangling link among the outputs (its image deleted elsewhere) does not stop the window
+    from opening; an image deleted in a file manager leaves the gallery without an error; a closed
+    viewer is deleted (not kept hidden with its full-size pixmap)."""
+    import shiboken6
+
+    install_tiny(ui_home, tiny_bundle)
+    window = make_window(qtbot, ui_home)
+    images = _generate(qtbot, window, seed=7, steps=1, num_images=2)
+    window.close()
+    outputs = Path(images[0]).parent
+    (outputs / "gone.png").symlink_to(outputs / "never-written.png")
+
+    reopened = make_window(qtbot, ui_home)
+    gallery = reopened.gallery_page
+    assert {str(p) for p in gallery.paths()} == set(images)
+
+    gallery.select_path(images[0])
+    gallery.view_selected()
+    viewer = gallery._viewers[-1]
+    assert viewer.isVisible()
+    viewer.close()
+    qtbot.waitUntil(lambda: not shiboken6.isValid(viewer), timeout=5_000)
+    assert gallery._viewers == []
+
+    Path(images[1]).unlink()  # deleted in a file manager while the gallery shows it
+    messages: list[str] = []
+    gallery.notify = lambda text, level: messages.append(f"{level}: {text}")
+    gallery.confirm = lambda title, question: True
+    gallery.select_path(images[1])
+    assert gallery.delete_selected() == [Path(images[1])]
+    assert [str(p) for p in gallery.paths()] == [images[0]] and messages == []

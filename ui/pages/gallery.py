@@ -6,6 +6,7 @@ fields from the PNG's metadata).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,13 +111,7 @@ class GalleryPage(QWidget):
     def refresh(self) -> None:
         """Rescan the outputs folder (newest first)."""
         self.list.clear()
-        folder = self.folder
-        files = (
-            sorted(folder.glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
-            if folder.is_dir()
-            else []
-        )
-        for path in files:
+        for path in _pngs_newest_first(self.folder):
             self._add_item(path, at_top=False)
         self._update_count()
 
@@ -184,9 +179,13 @@ class GalleryPage(QWidget):
         path = self.current_path()
         if path is None:
             return
-        viewer = ImageDialog(path, self)
-        self._viewers = [v for v in self._viewers if v.isVisible()] + [viewer]
+        viewer = ImageDialog(path, self)  # deletes itself when closed
+        viewer.destroyed.connect(lambda _=None, v=viewer: self._forget_viewer(v))
+        self._viewers.append(viewer)
         viewer.show()  # non-modal: the gallery stays usable
+
+    def _forget_viewer(self, viewer: ImageDialog) -> None:
+        self._viewers = [v for v in self._viewers if v is not viewer]
 
     def reuse_selected(self) -> None:
         path = self.current_path()
@@ -219,8 +218,8 @@ class GalleryPage(QWidget):
         if not self.confirm("Move to trash", f"Move {len(paths)} image(s) to the trash?\n{names}"):
             return []
         moved, failed = [], []
-        for path in paths:
-            (moved if QFile(str(path)).moveToTrash() else failed).append(path)
+        for path in paths:  # a file already deleted elsewhere (a file manager) only leaves the list
+            (moved if QFile(str(path)).moveToTrash() or not path.exists() else failed).append(path)
         for row in reversed(range(self.list.count())):
             if Path(self.list.item(row).data(Qt.ItemDataRole.UserRole)) in moved:
                 self.list.takeItem(row)
@@ -232,6 +231,25 @@ class GalleryPage(QWidget):
                 "error",
             )
         return moved
+
+
+def _pngs_newest_first(folder: Path) -> list[Path]:
+    """The PNGs of ``folder``, newest first; a file removed while listing, a dangling link or an
+    unreadable folder is left out rather than failing the gallery (it is built at start-up)."""
+    found: list[tuple[float, str, Path]] = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.lower().endswith(".png"):
+                    continue
+                try:
+                    if entry.is_file():
+                        found.append((entry.stat().st_mtime, entry.name, Path(entry.path)))
+                except OSError:
+                    continue
+    except OSError:
+        return []
+    return [path for _, _, path in sorted(found, reverse=True)]
 
 
 def _escape(text: str) -> str:

@@ -35,6 +35,8 @@ class ImageDialog(QDialog):
 
     def __init__(self, path: str | Path, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        # Closed means gone: parented to its page, a hidden dialog would keep its full-size pixmap.
+        self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         self.path = Path(path)
         self.setWindowTitle(self.path.name)
         image = QImage(str(self.path))
