@@ -177,6 +177,40 @@ def test_profile_over_ssh_runs_the_real_runner(sshd: Sshd, bundle: Path) -> None
     assert "x" in format_comparison(saved, again)
 
 
+def test_perf_test_over_ssh_finds_the_pushed_models_in_a_relative_work_folder(
+    sshd: Sshd, bundle: Path, tmp_path: Path
+) -> None:
+    """The default work folder over SSH is relative to the login's home ("snapgen-device"); the
+    perf_test command runs inside it, so the model paths it gets must be relative to it too. A
+    stand-in perf_test fails unless the model file it is given exists where it runs."""
+    from test_devices_adb import PERF_TEST_OUTPUT
+
+    fake = tmp_path / "perf_test"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'for last; do :; done\n[ -f "$last" ] || { echo "File doesn\'t exist: $last" >&2; exit 1; }\n'
+        f"cat <<'EOF'\n{PERF_TEST_OUTPUT}EOF\n"
+    )
+    fake.chmod(0o755)
+    relative = f"snapgen-test-{os.getpid()}"
+    try:
+        result = devices.profile(
+            devices.ProfileRequest(
+                model=str(bundle),
+                target=sshd.target,
+                perf_test=str(fake),
+                components=("unet",),
+                connect=sshd.options(remote_dir=relative),
+                save=False,
+            )
+        )
+    finally:
+        shutil.rmtree(Path.home() / relative, ignore_errors=True)
+    assert not result.partial, result.errors
+    unet = result.component("unet")
+    assert unet is not None and unet.source == "perf_test" and unet.latency is not None
+
+
 def test_generate_over_ssh_matches_local_pixels(sshd: Sshd, bundle: Path, tmp_path: Path) -> None:
     request = GenerationRequest(
         prompt="a red apple", model=str(bundle), seed=7, output_paths=(str(tmp_path / "remote.png"),)

@@ -550,7 +550,7 @@ def _profile_with_perf_test(
 ) -> ComponentProfile:
     args = build_command(
         request.perf_test or "onnxruntime_perf_test",
-        remote,
+        _relative(transport, remote),  # it runs in the work folder, which may itself be relative
         ep=request.ep,
         runs=request.runs,
         threads=request.threads,
