@@ -145,6 +145,7 @@ def test_profile_over_ssh_runs_the_real_runner(sshd: Sshd, bundle: Path) -> None
     assert unet.peak_rss_bytes and unet.peak_rss_bytes > 10 * 2**20
     assert {op.op_type for op in unet.top_ops} >= {"Conv"}
     assert abs(sum(op.share for op in unet.top_ops) - 1.0) < 1e-6
+    assert not list(sshd.workdir.rglob("ort_profile_*")), "the op-profile traces are removed on the device"
     estimate = result.estimated_seconds()
     assert estimate is not None
     assert estimate["total"] == pytest.approx(

@@ -25,6 +25,7 @@ sees timestep = t * 1000 float32 [B]; CFG batches [uncond, cond].
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -269,8 +270,11 @@ def profile_model(
         for _ in range(profile_runs + 1):  # the first run includes allocations; ORT records it too
             session.run(None, feeds)
         trace = session.end_profiling()
-        component["op_profile"] = summarize_profile(trace, request.get("top_ops", 10))
-        component["op_profile"]["file"] = trace
+        try:
+            component["op_profile"] = summarize_profile(trace, request.get("top_ops", 10))
+        finally:  # a few MB a run, a new name each time: it would fill the device's work folder
+            with contextlib.suppress(OSError):
+                os.remove(trace)
         del session
     return component
 
