@@ -348,3 +348,33 @@ def test_perf_test_command_and_output(adb: FakeAdb, bundle: Path) -> None:
         {"text_encoder": 0.0012, "unet": 0.0012, "decoder": 0.0012, "unet_total": 0.0048, "total": 0.0072}
     )
     assert not any("runner.py" in " ".join(c) for c in adb.calls())  # perf_test needs no Python
+
+
+def test_fixed_shape_variants_skip_absent_inputs_and_refuse_a_clash_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--fixed-shapes on a UNet without the optional pooled_text input fixes the inputs it has; on
+    a graph exported with another fixed size it is one DeviceError, not onnxruntime's ValueError."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from snapgen_app.devices.prepare import make_fixed_shape
+
+    monkeypatch.setenv("SNAPGEN_HOME", str(tmp_path / "home"))
+
+    def relu_model(path: Path, batch: int | str) -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["sample"], ["out"])],
+            "g",
+            [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [batch, 4, 8, 8])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, 4, 8, 8])],
+        )
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    shapes = {"sample": [2, 4, 8, 8], "pooled_text": [2, 32]}
+    fixed = onnx.load(str(make_fixed_shape(relu_model(tmp_path / "dynamic.onnx", "B"), shapes)))
+    dims = [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 4, 8, 8] and [i.name for i in fixed.graph.input] == ["sample"]
+    with pytest.raises(DeviceError, match=r"cannot fix static.onnx's input sample to \[2, 4, 8, 8\]"):
+        make_fixed_shape(relu_model(tmp_path / "static.onnx", 1), shapes)

@@ -116,8 +116,17 @@ def make_fixed_shape(onnx_path: Path, shapes: Mapping[str, Sequence[int]], sha25
     if target.is_file():
         return target
     model = onnx.load(str(onnx_path))
+    inputs = {i.name for i in model.graph.input}
     for name, dims in shapes.items():
-        make_input_shape_fixed(model.graph, name, [int(d) for d in dims])
+        if name not in inputs:  # an optional input this export does not have (pooled_text)
+            continue
+        try:
+            make_input_shape_fixed(model.graph, name, [int(d) for d in dims])
+        except ValueError as exc:  # e.g. a static export whose size differs from the one asked for
+            raise DeviceError(
+                f"cannot fix {onnx_path.name}'s input {name} to {list(dims)}: {exc}",
+                hint="this model was exported with fixed shapes; profile it at its own size, without --fixed-shapes",
+            ) from None
     fix_output_shapes(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
