@@ -339,6 +339,22 @@ def test_modified_onnx_weight_fails_parity(
     # the same check with a PSNR threshold no real export reaches fails too
     with pytest.raises(ExportError, match="psnr_db"):
         check_parity("decoder", reference, path, feeds, ParitySpec("psnr_db", 1000.0))
+    # a graph that cannot take the parity inputs at all (here: a static 8x8 graph fed 12x20) is
+    # one ExportError, not onnxruntime's InvalidArgument traceback
+    static = tmp_path / "static.onnx"
+    export_decoder(
+        decoder, static, latent_channels=16, example_latent=(8, 8), dynamic=False, exporter="torchscript"
+    )
+    with pytest.raises(
+        ExportError, match=r"does not run on the parity inputs \{'latent': \[1, 16, 12, 20\]\}"
+    ):
+        check_parity(
+            "decoder",
+            reference,
+            static,
+            decoder_parity_feeds(16, latent=(12, 20), count=1),
+            DEFAULT_PARITY["fp32"],
+        )
 
 
 def test_altered_bundle_file_fails_verification(bundle: Path, tmp_path: Path) -> None:

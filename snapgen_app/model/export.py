@@ -138,7 +138,16 @@ def check_parity(
     worst = -math.inf if spec.metric == "max_abs_diff" else math.inf
     for feed in feeds:
         expected = reference(feed)
-        got = session.run(None, {k: v for k, v in feed.items() if k in input_names})
+        try:
+            got = session.run(None, {k: v for k, v in feed.items() if k in input_names})
+        except Exception as exc:  # onnxruntime's errors are untyped (InvalidArgument, Fail, ...)
+            shapes = {k: list(v.shape) for k, v in feed.items() if k in input_names}
+            raise ExportError(
+                f"{onnx_path.name}: {component} does not run on the parity inputs {shapes}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+                hint="a graph exported with fixed shapes (after dynamic shapes failed, see the warning) "
+                "only takes its example's shapes; export at the size you generate at, or fix the export",
+            ) from None
         for ref, out in zip(expected, got, strict=True):
             value = _metric(spec, ref, out)
             worst = max(worst, value) if spec.metric == "max_abs_diff" else min(worst, value)
