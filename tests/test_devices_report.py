@@ -44,6 +44,7 @@ def test_runner_imports_only_stdlib_numpy_onnxruntime() -> None:
             modules.add(node.module.split(".")[0])
     assert modules <= {
         "__future__",
+        "contextlib",
         "json",
         "os",
         "platform",
@@ -100,6 +101,9 @@ def test_estimate_save_load_compare(tmp_path: Path) -> None:
     raw["surprise"] = 1
     path.write_text(json.dumps(raw))
     with pytest.raises(DeviceError, match="unknown key"):
+        load_profile(path)
+    path.write_text(json.dumps(raw), encoding="utf-16")  # re-saved by a Windows editor
+    with pytest.raises(DeviceError, match="cannot read profile"):
         load_profile(path)
 
 

@@ -230,7 +230,7 @@ def load_profile(path: str | Path) -> ProfileResult:
         raise DeviceError(
             f"profile {file} does not exist", hint="list saved ones in " + str(profiles_dir())
         ) from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # not JSON, or not UTF-8 (a file re-saved as UTF-16)
         raise DeviceError(f"cannot read profile {file}: {exc}") from exc
     try:
         return ProfileResult.from_dict(raw)

@@ -18,6 +18,7 @@ while a remote command runs. Failures keep what was measured: the result says ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -121,11 +122,19 @@ def saved_targets() -> dict[str, ConnectOptions]:
 
 def _write_targets(targets: dict[str, ConnectOptions]) -> None:
     path = _targets_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": 1, "targets": {k: dataclasses.asdict(v) for k, v in sorted(targets.items())}}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:  # a full disk or a read-only data folder: the saved targets are unchanged
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DeviceError(
+            f"cannot save the device list {path}: {exc.strerror or exc}",
+            hint="free some disk space or check that the data folder is writable",
+        ) from None
 
 
 def add_target(target: str, options: ConnectOptions) -> str:
