@@ -264,3 +264,28 @@ def test_a_run_that_cannot_start_leaves_no_folder_to_block_its_name(
         with pytest.raises(TrainingError, match="could not start the run 'blocked'"):
             ft.start(request, python=str(not_runnable), registry=registry_for(ui_home))
         assert not ft.run_dir_for("blocked").exists()
+
+
+def test_a_new_run_drops_the_last_runs_comparison_and_its_late_results(qtbot: QtBot, ui_home: Path) -> None:
+    """New run while the last run's comparison is still working: that task is cancelled and what it
+    returns later is not delivered into the new run's state; no rows of the old grid stay."""
+    import threading
+
+    window = make_window(qtbot, ui_home)
+    page = window.wizard_page
+    page.compare_step.grid.addWidget(QLabel("a row of the last run"), 1, 0)
+    release = threading.Event()
+    delivered: list[object] = []
+
+    def body(report: object, token: object) -> str:
+        release.wait(10)
+        return "the last run's comparison"
+
+    page.compare_step._task = page.run("compare", body, delivered.append)
+    page.new_run()
+    release.set()
+    qtbot.waitUntil(lambda: not page.controller.running_tasks(), timeout=10_000)
+    qtbot.wait(50)  # let a late message reach the page, if it were still listening
+    assert delivered == []
+    assert page.compare_step.grid.count() == 0 and page.compare_step._task is None
+    assert page.state.comparison == [] and not page.compare_step.done

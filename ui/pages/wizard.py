@@ -695,6 +695,16 @@ class CompareStep(QWizardPage):
         if not self.done and self._task is None:
             self.run_comparison()
 
+    def reset(self) -> None:
+        """Empty, for a new run: no rows of the last run's comparison stay in the grid."""
+        self.done = False
+        self._task = None
+        self.retry_button.hide()
+        while self.grid.count():
+            item = self.grid.takeAt(0)
+            if item is not None and item.widget() is not None:
+                item.widget().deleteLater()
+
     def run_comparison(self) -> int:
         state = self.owner.state
         handle = state.handle
@@ -730,7 +740,7 @@ class CompareStep(QWizardPage):
                 rows.append((prompt, seed, paths[0], paths[1]))
             return rows
 
-        self.retry_button.hide()
+        self.reset()  # a retry starts from an empty grid too
         self.status.setText("Exporting and generating the comparison…")
         self._task = self.owner.run("compare", body, self._on_done, self._on_progress)
         return self._task
@@ -990,8 +1000,14 @@ class WizardPage(QWidget):
     def restart(self) -> None:
         """A fresh wizard at step 1 (a run already going keeps going)."""
         self.train_step.timer.stop()
+        # Tasks of the run being left (its comparison, its registration) are cancelled and their
+        # results dropped: delivered later they would land in the new run's state.
+        for task_id in list(self._callbacks):
+            self.controller.cancel(task_id)
+        self._callbacks.clear()
         self.state = WizardState()
-        self.compare_step.done = False
+        self.compare_step.reset()
+        self.register_step._task = None
         self.wizard.setStartId(FOLDER)
         self.wizard.restart()
         self.wizard.show()  # Done (accept) hides a QWizard
