@@ -83,6 +83,22 @@ def test_settings_save_output_folder_threads_device(qtbot: QtBot, ui_home: Path,
     assert window.banner.text() == "settings saved"
 
 
+def test_a_data_folder_chosen_then_cleared_in_settings_takes_effect_at_once(
+    qtbot: QtBot, ui_home: Path, tmp_path: Path
+) -> None:
+    from model_store.paths import store_home
+
+    window = make_window(qtbot, ui_home)
+    page = window.settings_page
+    page.data_edit.setText(str(tmp_path / "elsewhere"))
+    page.save()
+    assert store_home() == tmp_path / "elsewhere"
+    page.data_edit.setText("")
+    page.save()
+    assert store_home() == ui_home, "back to the folder in use before, without a restart"
+    assert str(ui_home) in page.env_note.text()
+
+
 def test_gui_never_imports_torch(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""

@@ -12,6 +12,10 @@ from PySide6.QtCore import QByteArray, QSettings
 
 from model_store.paths import HOME_ENV, store_home
 
+# $SNAPGEN_HOME as it was before a Settings choice replaced it (empty: not replaced), so that
+# clearing the choice goes back to it.
+_REPLACED: list[str | None] = []
+
 ORGANIZATION = "SnapGen"
 APPLICATION = "SnapGen Studio"
 
@@ -52,9 +56,19 @@ class AppSettings:
         return Path(override).expanduser() if override else store_home() / "outputs"
 
     def apply_data_dir(self) -> None:
-        """Make the service and model store use the chosen data folder (they read $SNAPGEN_HOME)."""
+        """Make the service and model store use the chosen data folder (they read $SNAPGEN_HOME);
+        with the choice cleared, the folder in use before it ($SNAPGEN_HOME as it was, else the
+        default) is used again at once, not only after a restart."""
         if self.data_dir_override:
+            if not _REPLACED:  # remember what the choice replaces, once
+                _REPLACED.append(os.environ.get(HOME_ENV))
             os.environ[HOME_ENV] = str(Path(self.data_dir_override).expanduser())
+        elif _REPLACED:
+            before = _REPLACED.pop()
+            if before is None:
+                os.environ.pop(HOME_ENV, None)
+            else:
+                os.environ[HOME_ENV] = before
 
     # -- runtime -----------------------------------------------------------------------------------
 
