@@ -316,6 +316,45 @@ def test_timeout_keeps_partial_results(sshd: Sshd, bundle: Path) -> None:
     assert "deadline" in unet.error
 
 
+def test_a_timed_out_or_cancelled_command_is_stopped_on_the_device(sshd: Sshd) -> None:
+    """Closing an SSH channel without a terminal signals nothing: the command would run on (a
+    profiling runner holding the board's CPU and memory). A timeout and a cancel both stop it."""
+    from snapgen_app.devices.ssh import SshTransport
+    from snapgen_app.devices.transport import parse_target
+    from snapgen_app.errors import Cancelled
+
+    transport = SshTransport(parse_target(sshd.target), key_path=str(sshd.key), workdir=str(sshd.workdir))
+    marker = f"{os.getpid()}.{time.monotonic_ns() % 1000}"
+
+    def still_running(seconds: str) -> bool:
+        return subprocess.run(["pgrep", "-f", f"sleep {seconds}"], capture_output=True).returncode == 0
+
+    try:
+        with pytest.raises(DeviceError, match="did not finish within 1 s"):
+            transport.run(f"sleep 3{marker}", timeout=1)
+        deadline = time.monotonic() + 5
+        while still_running(f"3{marker}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not still_running(f"3{marker}")
+
+        calls = {"n": 0}
+
+        def cancel_soon() -> bool:
+            calls["n"] += 1
+            return calls["n"] > 20
+
+        with pytest.raises(Cancelled):
+            transport.run(f"cd / && sleep 4{marker}", timeout=60, cancel=cancel_soon)
+        deadline = time.monotonic() + 5
+        while still_running(f"4{marker}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not still_running(f"4{marker}")
+        result = transport.run("echo out; echo err >&2", timeout=10)
+        assert (result.stdout, result.stderr) == ("out\n", "err\n")  # the process id line is not output
+    finally:
+        transport.close()
+
+
 def test_missing_python_and_modules_say_what_to_install(sshd: Sshd, bundle: Path, tmp_path: Path) -> None:
     request = devices.ProfileRequest(
         model=str(bundle), target=sshd.target, connect=sshd.options(remote_python="/nonexistent/python3")

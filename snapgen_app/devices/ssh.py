@@ -35,6 +35,19 @@ def known_hosts_path() -> Path:
     return store_home() / "devices" / "known_hosts"
 
 
+_PID_MARK = "@@snapgen-pid "
+STOP_TIMEOUT_S = 5.0
+
+
+def _split_pid(err: bytes | bytearray) -> tuple[int | None, str]:
+    """(the remote shell's process id from the first stderr line, the rest of stderr)."""
+    text = bytes(err).decode("utf-8", "replace")
+    first, _, rest = text.partition("\n")
+    if first.startswith(_PID_MARK) and first[len(_PID_MARK) :].strip().isdigit():
+        return int(first[len(_PID_MARK) :]), rest
+    return None, text
+
+
 class SshTransport(Transport):
     """A device reached over SSH. ``workdir`` may be absolute or relative to the login's home."""
 
@@ -173,7 +186,9 @@ class SshTransport(Transport):
         started = time.monotonic()
         try:
             channel = client.get_transport().open_session()  # type: ignore[union-attr]
-            channel.exec_command(command)
+            # The remote shell names its process id first: closing a channel without a terminal
+            # signals nothing, so a cancel or timeout stops the command with kill (_stop_remote).
+            channel.exec_command(f"echo {_PID_MARK}$$ >&2; {command}")
         except (OSError, self._paramiko.SSHException, EOFError, AttributeError) as exc:
             raise self._lost(exc, f"starting `{command[:60]}`") from exc
         out, err = bytearray(), bytearray()
@@ -194,9 +209,11 @@ class SshTransport(Transport):
                 elapsed = time.monotonic() - started
                 if cancel is not None and cancel():
                     channel.close()
+                    self._stop_remote(err)
                     raise Cancelled("cancelled by the user")
                 if elapsed > timeout:
                     channel.close()
+                    self._stop_remote(err)
                     raise DeviceError(
                         f"{self.target}: `{command[:80]}` did not finish within {timeout:.0f} s",
                         hint="raise --timeout, or use fewer --runs; partial results are kept",
@@ -210,9 +227,22 @@ class SshTransport(Transport):
             raise self._lost(exc, f"running `{command[:60]}`") from exc
         finally:
             channel.close()
-        return CommandResult(
-            code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), time.monotonic() - started
-        )
+        _, stderr = _split_pid(err)
+        return CommandResult(code, out.decode("utf-8", "replace"), stderr, time.monotonic() - started)
+
+    def _stop_remote(self, err: bytes | bytearray) -> None:
+        """Best effort: SIGTERM the command's process group on the device (sshd starts each command
+        in a session of its own), else its shell, so a cancelled runner does not run on."""
+        pid, _ = _split_pid(err)
+        if pid is None:
+            return
+        with contextlib.suppress(Exception):  # the link may be why it stops: nothing more to do then
+            channel = self._client.get_transport().open_session()  # type: ignore[union-attr]
+            channel.exec_command(f"kill -TERM -- -{pid} 2>/dev/null || kill -TERM {pid} 2>/dev/null")
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while not channel.exit_status_ready() and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+            channel.close()
 
     def describe(self) -> DeviceInfo:
         script = (
