@@ -274,6 +274,39 @@ def test_threshold_failure_raises_and_leaves_nothing(checkpoint: Path, tmp_path:
     assert list(tmp_path.iterdir()) == []  # the staging folder is gone too
 
 
+def test_a_static_export_runs_at_its_default_size(checkpoint: Path, tmp_path: Path) -> None:
+    """--static-shapes traces, checks and writes the graphs at the bundle's default size (here
+    576 px, over the 512 px that dynamic exports calibrate at), so generating at the defaults works;
+    another parity size, or a non-square default, is refused before anything is exported."""
+    from PIL import Image
+
+    from snapgen_app import service
+    from snapgen_app.api import GenerationRequest
+
+    big = tmp_path / "ckpt576"
+    shutil.copytree(checkpoint, big)
+    index = json.loads((big / "model_index.json").read_text())
+    key = next(k for k, v in index.items() if isinstance(v, dict) and "width" in v)
+    index[key].update(width=576, height=576)
+    (big / "model_index.json").write_text(json.dumps(index))
+    out = tmp_path / "static"
+    export_bundle(big, out, ExportOptions(precisions=("fp32",), dynamic=False, exporter="torchscript"))
+    sample = next(i for i in onnx.load(str(out / "unet.fp32.onnx")).graph.input if i.name == "sample")
+    assert [d.dim_value for d in sample.type.tensor_type.shape.dim][-2:] == [72, 72]  # 576 / 8
+    result = service.generate(
+        GenerationRequest(prompt="a red circle", model=str(out), seed=1, output_dir=str(tmp_path / "png"))
+    )
+    assert Image.open(result.images[0]).size == (576, 576)
+
+    with pytest.raises(ExportError, match="runs at its default size 576 px only, not parity_px=128"):
+        export_bundle(big, tmp_path / "o1", ExportOptions(precisions=("fp32",), dynamic=False, parity_px=128))
+    index[key].update(width=576, height=320)
+    (big / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ExportError, match="576x320 here"):
+        export_bundle(big, tmp_path / "o2", ExportOptions(precisions=("fp32",), dynamic=False))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 def test_bad_checkpoint_and_bad_flags(
     tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

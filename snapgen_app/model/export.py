@@ -680,6 +680,26 @@ class ExportOptions:
         return dict(self.parity)[precision]
 
 
+def _static_size(defaults: BundleDefaults, options: ExportOptions, multiple: int) -> int:
+    """The one image size of a static-shape export: the bundle's default size, which must be square
+    and a multiple of the model's stride; a calibration or parity size other than it is refused
+    (the graph could not run it, nor could `snapgen generate` at the defaults)."""
+    size = defaults.width
+    if defaults.height != size or size % multiple:
+        raise ExportError(
+            f"a static-shape export runs at its default size, which is {defaults.width}x{defaults.height} "
+            f"here (it must be square and a multiple of {multiple})",
+            hint="export with dynamic shapes (without --static-shapes), or set a square default size",
+        )
+    for name, value in (("calib_px", options.calib_px), ("parity_px", options.parity_px)):
+        if value is not None and value != size:
+            raise ExportError(
+                f"a static-shape export runs at its default size {size} px only, not {name}={value}",
+                hint=f"leave {name} out (it is {size} for a static export)",
+            )
+    return size
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportSummary:
     """What :func:`export_bundle` wrote: the bundle folder, its manifest dict and the timings."""
@@ -834,10 +854,13 @@ def export_bundle(
     scale = autoencoder.scale_factor
     latent_channels = unet_cfg.in_channels
     multiple = unet_cfg.latent_multiple * scale
-    calib_px = options.calib_px or min(defaults.width, 512)
-    calib_px = max(multiple, calib_px // multiple * multiple)
-    parity_px = options.parity_px or calib_px
-    parity_px = max(multiple, parity_px // multiple * multiple)
+    if options.dynamic:
+        calib_px = options.calib_px or min(defaults.width, 512)
+        calib_px = max(multiple, calib_px // multiple * multiple)
+        parity_px = options.parity_px or calib_px
+        parity_px = max(multiple, parity_px // multiple * multiple)
+    else:  # a static graph runs at one size only: the one the bundle generates at by default
+        calib_px = parity_px = _static_size(defaults, options, multiple)
 
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
