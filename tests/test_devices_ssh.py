@@ -355,6 +355,32 @@ def test_a_timed_out_or_cancelled_command_is_stopped_on_the_device(sshd: Sshd) -
         transport.close()
 
 
+def test_a_cancel_stops_a_push_within_a_block(sshd: Sshd, tmp_path: Path) -> None:
+    """Cancel while a large model file is being copied: it stops there (not after the whole file)."""
+    from snapgen_app.devices.ssh import SshTransport
+    from snapgen_app.devices.transport import parse_target
+    from snapgen_app.errors import Cancelled
+
+    big = tmp_path / "unet.int8.onnx"
+    big.write_bytes(os.urandom(8 * 2**20))
+    transport = SshTransport(parse_target(sshd.target), key_path=str(sshd.key), workdir=str(sshd.workdir))
+    asked = {"n": 0}
+
+    def cancel_after_a_few_blocks() -> bool:
+        asked["n"] += 1
+        return asked["n"] > 3
+
+    remote = sshd.workdir / "pushed.onnx"
+    transport.ensure_dir(str(sshd.workdir))
+    try:
+        with pytest.raises(Cancelled):
+            transport.push(str(big), str(remote), cancel=cancel_after_a_few_blocks)
+    finally:
+        transport.close()
+    assert asked["n"] == 4
+    assert not remote.exists() or remote.stat().st_size < big.stat().st_size
+
+
 def test_missing_python_and_modules_say_what_to_install(sshd: Sshd, bundle: Path, tmp_path: Path) -> None:
     request = devices.ProfileRequest(
         model=str(bundle), target=sshd.target, connect=sshd.options(remote_python="/nonexistent/python3")

@@ -178,8 +178,10 @@ class AdbTransport(Transport):
             raise DeviceError(f"adb device {self.serial} is unauthorized", hint=STATE_HINTS["unauthorized"])
         return code, out, err, seconds
 
-    def push(self, local: str, remote: str, timeout: float = 600.0) -> None:
-        code, out, err, _ = self._adb(["push", local, remote], timeout)
+    def push(
+        self, local: str, remote: str, timeout: float = 600.0, cancel: CancelCheck | None = None
+    ) -> None:
+        code, out, err, _ = self._adb(["push", local, remote], timeout, cancel)
         if code != 0:
             detail = (err or out).strip()
             hint = (

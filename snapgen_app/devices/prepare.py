@@ -221,7 +221,7 @@ def sync_files(
         if "/" in f.name:
             transport.ensure_dir(remote[f.name].rsplit("/", 1)[0])
         manifest.pop(f.name, None)  # never claim a file that is half-written
-        transport.push(str(f.path), remote[f.name], timeout=timeout)
+        transport.push(str(f.path), remote[f.name], timeout=timeout, cancel=cancel)
         manifest[f.name] = {"sha256": f.sha256, "size": f.size}
         _write_remote_manifest(transport, files_dir, manifest)
     return SyncReport(remote, tuple(f.name for f in todo), tuple(reused), need)

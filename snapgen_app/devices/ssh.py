@@ -147,13 +147,20 @@ class SshTransport(Transport):
 
     # -- files ---------------------------------------------------------------------------------
 
-    def push(self, local: str, remote: str, timeout: float = 600.0) -> None:
+    def push(
+        self, local: str, remote: str, timeout: float = 600.0, cancel: CancelCheck | None = None
+    ) -> None:
         sftp = self._sftp_client()
         channel = sftp.get_channel()
         if channel is not None:
             channel.settimeout(timeout)
+
+        def check(_sent: int, _total: int) -> None:  # paramiko calls it after every block it writes
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled by the user")
+
         try:
-            sftp.put(local, remote)
+            sftp.put(local, remote, callback=check)
         except FileNotFoundError as exc:
             raise DeviceError(f"{self.target}: cannot write {remote} (its folder does not exist)") from exc
         except OSError as exc:

@@ -156,8 +156,11 @@ class Transport(ABC):
     workdir: str
 
     @abstractmethod
-    def push(self, local: str, remote: str, timeout: float = 600.0) -> None:
-        """Copy a local file to ``remote`` (a full remote path). Raises DeviceError."""
+    def push(
+        self, local: str, remote: str, timeout: float = 600.0, cancel: CancelCheck | None = None
+    ) -> None:
+        """Copy a local file to ``remote`` (a full remote path). Raises DeviceError; Cancelled when
+        ``cancel`` returns True during the copy (the half-copied file is never claimed as present)."""
 
     @abstractmethod
     def pull(self, remote: str, local: str, timeout: float = 600.0) -> None:
