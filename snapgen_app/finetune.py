@@ -26,6 +26,7 @@ bundle in the model store with source ``trained`` and the request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -231,7 +232,6 @@ def read_caption(path: Path) -> str:
 def check_images_folder(folder: str | Path) -> FolderReport:
     """List the images of ``folder`` (recursively, like the trainer) with their captions; opens each
     image header to find unreadable ones. Raises UsageError when there is no usable image."""
-
     from snapgen_app.images import UNREADABLE, checked_size
 
     root = Path(folder).expanduser()
@@ -321,8 +321,6 @@ def _dataset_with_captions(report: FolderReport, captions: Mapping[str, str], ou
             try:
                 link.symlink_to(source.resolve())
             except OSError:  # no symlinks (Windows without the privilege): copy
-                import shutil
-
                 shutil.copy2(source, link)
         caption = (captions.get(entry.name) or proposals[entry.name]).strip()
         link.with_suffix(CAPTION_EXTENSION).write_text(caption + "\n", encoding="utf-8")
@@ -810,12 +808,12 @@ class RunHandle:
     # -- control ---------------------------------------------------------------------------------
 
     def _signal(self, marker: str) -> bool:
-        try:  # the marker says why the trainer stopped; on a full disk the signal matters more
+        with contextlib.suppress(
+            OSError
+        ):  # the marker says why it stopped; on a full disk the signal matters more
             for name in ("paused", "cancelled"):
                 (self.run_dir / name).unlink(missing_ok=True)
             (self.run_dir / marker).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-        except OSError:
-            pass
         if not self.alive() or self.pid is None:
             return False
         try:  # the whole session: accelerate may have started workers
@@ -840,7 +838,7 @@ class RunHandle:
         """Start the trainer again with ``--resume`` (events keep being appended)."""
         if self.alive():
             raise TrainingError(f"run {self.name} is still running", hint="pause it first")
-        # the trainer stopped before creating its run folder: start over
+        # a trainer that stopped before it made its run folder starts over
         again = (self.train_dir / "train_config.json").is_file()
         try:
             return _launch(self, python, resume=again)
