@@ -808,9 +808,8 @@ class RunHandle:
     # -- control ---------------------------------------------------------------------------------
 
     def _signal(self, marker: str) -> bool:
-        with contextlib.suppress(
-            OSError
-        ):  # the marker says why it stopped; on a full disk the signal matters more
+        # The marker says why the trainer stopped; on a full disk the signal matters more.
+        with contextlib.suppress(OSError):
             for name in ("paused", "cancelled"):
                 (self.run_dir / name).unlink(missing_ok=True)
             (self.run_dir / marker).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
