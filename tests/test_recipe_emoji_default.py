@@ -95,6 +95,22 @@ def test_a_stage_without_cooldown_is_finalised_at_the_step_it_reached(
     assert saved["optim"].get("decay_from", 0) == 0
 
 
+def test_a_dataset_built_with_other_settings_is_refused(
+    recipe_run: tuple[Recipe, list[str]], tmp_path: Path
+) -> None:
+    """Settings given on a resumed run that the dataset in its folder was not built with: one error
+    naming them, not a model card printing the new settings over the old images."""
+    from training_tools.recipes.emoji_default import RecipeError
+
+    recipe, _ = recipe_run
+    _copy_stages(recipe, tmp_path, ("dataset",))
+    with pytest.raises(RecipeError, match=r"was built with num_images 12 \(asked: 13\), seed 0 \(asked: 1\)"):
+        Recipe(recipe.cfg.replace(out=str(tmp_path), num_images=13, seed=1)).run(["dataset"])
+    lines: list[str] = []
+    Recipe(recipe.cfg.replace(out=str(tmp_path)), log=lines.append).run(["dataset"])
+    assert any(line.endswith("dataset: present, skipped") for line in lines)
+
+
 def test_a_diverging_stage_goes_on_with_the_next_seed_a_bounded_number_of_times(
     recipe_run: tuple[Recipe, list[str]], tmp_path: Path
 ) -> None:
@@ -418,6 +434,16 @@ def test_an_ablation_matched_in_samples_trains_the_distilled_students_steps(
         json.loads((out / "summary.json").read_text())["ablation"]["samples"]
         == distill_steps * cfg.batch_size
     )
+    # Stopped before its first checkpoint (its train_config.json and saved config, with decay_from,
+    # are written at once): the same command trains it again, not "stopped before its first checkpoint".
+    import shutil
+
+    for part in ("checkpoints", "final"):
+        shutil.rmtree(out / "ablation" / part)
+    lines.clear()
+    Recipe(cfg, log=lines.append).run(["ablation"])
+    assert any(line.endswith("ablation: resuming (to the end)") for line in lines), lines
+    assert stage_info(out / "ablation")["steps"] == distill_steps
     args = ["--out", str(tmp_path / "cli"), "--ablation", "--ablation-match", "samples"]
     assert config_from_args(args).ablation_match == "samples"
     with pytest.raises(Exception, match="parallel"):
@@ -724,3 +750,21 @@ def test_retrain_stage_trains_a_finished_stage_again_with_a_change_for_the_same_
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # the change trained
     plan = dict(Recipe(RecipeConfig.from_dict(json.loads((dst / "recipe.json").read_text()))).eval_plan())
     assert plan["student_distilled_28"]["checkpoint"] == "distill"
+
+
+def test_a_saved_eval_row_scored_another_way_is_scored_again() -> None:
+    """``--eval-per-category 80`` on a run whose rows were scored with 40 prompts, or a classifier
+    that changed since: those rows are scored again instead of being reported under the new
+    settings (rows of older runs, which record neither, are judged by their image count)."""
+    from training_tools.recipes.emoji_default import _stale_row
+
+    scorer = {"prompts_per_category": 80, "classifier_sha256": "a"}
+    assert (
+        _stale_row({"prompts_per_category": 80, "classifier_sha256": "a", "num_images": 400}, scorer) is None
+    )
+    assert _stale_row({"prompts_per_category": 40, "classifier_sha256": "a"}, scorer) == (
+        "40 prompts per category, not 80"
+    )
+    assert _stale_row({"num_images": 200}, scorer) == "40 prompts per category, not 80"
+    assert _stale_row({"num_images": 400}, scorer) is None
+    assert _stale_row({"prompts_per_category": 80, "classifier_sha256": "b"}, scorer) == "another classifier"

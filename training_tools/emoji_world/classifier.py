@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -338,14 +340,21 @@ def train_classifier(
 def save_classifier(
     directory: str | Path, model: EmojiClassifier, classes: Sequence[EmojiClass], metrics: dict[str, Any]
 ) -> None:
-    """Write model.safetensors (float32), config.json, classes.json and metrics.json into ``directory``."""
+    """Write model.safetensors (float32), config.json, classes.json and metrics.json as the folder
+    ``directory``: into a temporary sibling first, renamed into place when complete (a stop or a
+    full disk mid-save leaves no folder that looks finished)."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    model.config.save(out / CONFIG_FILE)
-    save_classes(list(classes), out / CLASSES_FILE)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    model.config.save(tmp / CONFIG_FILE)
+    save_classes(list(classes), tmp / CLASSES_FILE)
+    (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def load_classifier(directory: str | Path) -> tuple[EmojiClassifier, list[EmojiClass]]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -315,12 +316,12 @@ class Recipe:
 
     def update_summary(self, key: str, value: Any) -> None:
         with self._log_lock:
-            data = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+            data = _read_json(self.summary_path) if self.summary_path.exists() else {}
             data[key] = value
-            self.summary_path.write_text(json.dumps(data, indent=2) + "\n")
+            _write_json(self.summary_path, data)
 
     def summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+        return _read_json(self.summary_path) if self.summary_path.exists() else {}
 
     # -- stopping ----------------------------------------------------------------------------------
 
@@ -378,10 +379,12 @@ class Recipe:
 
     def stage_dataset(self) -> None:
         c = self.cfg
-        if (self.dataset_dir / "metadata.jsonl").is_file():
+        built = self.dataset_dir / "build.json"
+        if built.is_file():
+            self._check_dataset(_read_json(built).get("config", {}))
             self.log("dataset: present, skipped")
         else:
-            if self.dataset_dir.exists():  # a build that died half-way: it writes metadata.jsonl last
+            if self.dataset_dir.exists():  # a build that died half-way: it writes build.json last
                 shutil.rmtree(self.dataset_dir)
             started = time.monotonic()
             self._run(
@@ -412,6 +415,24 @@ class Recipe:
             self.log(f"dataset: built {c.num_images} images")
         if c.denoiser_images:
             make_subset(self.dataset_dir, self.denoiser_data, c.denoiser_images)
+
+    def _check_dataset(self, built: dict[str, Any]) -> None:
+        """A dataset already in the run folder must be the one this recipe asks for: settings given
+        on a resumed run would otherwise be printed in the model card over the old images."""
+        c = self.cfg
+        asked = {
+            "num_images": c.num_images,
+            "seed": c.seed,
+            "num_classes": c.num_classes,
+            "class_seed": c.class_seed,
+        }
+        differs = {k: (built.get(k), v) for k, v in asked.items() if built.get(k) != v}
+        if differs:
+            shown = ", ".join(f"{k} {old} (asked: {new})" for k, (old, new) in differs.items())
+            raise RecipeError(
+                f"{self.dataset_dir} was built with {shown}",
+                hint="run with the settings it was built with, or choose another --out (or delete the dataset)",
+            )
 
     def stage_autoencoder(self) -> None:
         final = self.final("autoencoder")
@@ -625,21 +646,24 @@ class Recipe:
         ``optim.decay_from`` at the step reached and ``max_steps`` set to the steps that fit the
         remaining minutes at the stage's measured speed, so it ends at a decayed learning rate and
         writes ``final/`` (EMA weights). With ``cooldown_fraction`` 0 the run is stopped at the
-        budget and finalised at the step it reached. Without ``minutes``: run to ``max_steps``.
+        budget and finalised at the step it reached. Without ``minutes``: one run to ``max_steps``,
+        resumed as often as needed (stopped from outside, it is an error that says to run again).
         A cooldown interrupted by a crash goes on with its saved config. A stage in ``stage_steps``
         runs for those steps whatever ``minutes`` says.
         """
-        by_steps = name in self.cfg.stage_steps
-        if by_steps:
+        if name in self.cfg.stage_steps:
             cfg = _deep_merge(cfg, steps_budget(int(self.cfg.stage_steps[name]), self.cfg.cooldown_fraction))
             minutes = None
+        # A stage without minutes (--stage-steps, an ablation matched in samples) is one trainer run
+        # to max_steps, resumed as often as needed; its decay_from is set from its first step.
+        by_steps = minutes is None
         final = self.final(name)
         if (final / "model_index.json").is_file():
             self.log(f"{name}: done, skipped")
             return final
         run_dir = self.out / name
         cfg_path = self.out / "configs" / f"{name}.json"
-        saved = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        saved = _read_json(cfg_path) if cfg_path.is_file() else {}
         # A cooldown this recipe started (a minutes stage past its stable phase). A steps stage has
         # its decay_from from the start: it is one run to max_steps, however often it is resumed.
         cooling = (
@@ -655,7 +679,7 @@ class Recipe:
                 # A resumed stage keeps the seed it was going on with: after a divergence retry that
                 # is the next seed, and the recipe's own would replay the steps that blew up.
                 cfg = {**cfg, "seed": saved["seed"]}
-            cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+            _write_json(cfg_path, cfg)
         clock_path = self.out / "clock" / f"{name}.json"
         budget = None if minutes is None else minutes * 60.0
         stable = None if budget is None else budget * (1.0 - self.cfg.cooldown_fraction)
@@ -674,7 +698,7 @@ class Recipe:
                 # The trainer set the blown-up checkpoints aside; the same seed would replay the
                 # same steps from the healthy one, so the stage goes on with the next seed.
                 cfg = {**cfg, "seed": int(cfg["seed"]) + 1}
-                cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+                _write_json(cfg_path, cfg)
                 self.log(
                     f"{name}: {diverged}; going on from its last healthy checkpoint with seed {cfg['seed']}"
                 )
@@ -701,7 +725,7 @@ class Recipe:
                 left = max(0.0, budget - _clock(clock_path))
                 decay = max(1, int(rate * left))
                 cfg = {**cfg, "max_steps": step + decay, "optim": {**cfg["optim"], "decay_from": step}}
-                cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+                _write_json(cfg_path, cfg)
                 cooling = True
                 self.log(
                     f"{name}: cooldown, {decay} steps with a decaying learning rate ({left / 60:.1f} min)"
@@ -715,7 +739,7 @@ class Recipe:
                 what = "cooled down"
             else:
                 cfg = {**cfg, "max_steps": step}
-                cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+                _write_json(cfg_path, cfg)
                 self.log(f"{name}: finalising at step {step}")
                 rc = self._trainer_process(name, cfg["stage"], cfg_path, True, None, 0.0, None, threads)
                 what = "finalised"
@@ -784,7 +808,7 @@ class Recipe:
                     started = time.monotonic()
                 spent = used + time.monotonic() - started
                 if clock_path is not None:
-                    clock_path.write_text(json.dumps({"seconds": spent}))
+                    _write_json(clock_path, {"seconds": spent})
                 # SIGTERM only once the training loop runs (its handler is installed by then and
                 # turns the signal into a checkpoint).
                 if budget is not None and spent >= budget and not stopped:
@@ -792,7 +816,7 @@ class Recipe:
                     proc.send_signal(signal.SIGTERM)
                     stopped = True
             if clock_path is not None and started is not None:
-                clock_path.write_text(json.dumps({"seconds": used + time.monotonic() - started}))
+                _write_json(clock_path, {"seconds": used + time.monotonic() - started})
             self._reap(proc)
         self.check_stop(name)
         rc = int(proc.returncode)
@@ -861,7 +885,7 @@ class Recipe:
             if same_classes(builtin / "classes.json", self.dataset_dir / "classes.json"):
                 return builtin
         path = self.out / "classifier"
-        if not (path / "model.safetensors").is_file():
+        if not (path / "metrics.json").is_file():  # written last (older runs: no rename into place)
             self._run(
                 "classifier",
                 [
@@ -932,6 +956,10 @@ class Recipe:
 
         results_dir.mkdir(exist_ok=True)
         classifier = self.classifier_dir()
+        scorer = {
+            "prompts_per_category": per_category,
+            "classifier_sha256": _file_sha256(classifier / "model.safetensors"),
+        }
         results: dict[str, Any] = {}
         for name, how in self.eval_plan():
             if only and name not in only:
@@ -939,8 +967,12 @@ class Recipe:
             self.check_stop(f"eval (before {name})")
             path = results_dir / f"{name}.json"
             if path.is_file():
-                results[name] = json.loads(path.read_text())
-                continue
+                saved = _read_json(path)
+                stale = _stale_row(saved, scorer)
+                if stale is None:
+                    results[name] = saved
+                    continue
+                self.log(f"eval {name}: the saved row was scored with {stale}; scoring it again")
             if "checkpoint" in how and not (self.final(how["checkpoint"]) / "model_index.json").is_file():
                 self.log(f"eval {name}: no {how['checkpoint']} checkpoint, skipped")
                 continue
@@ -957,8 +989,8 @@ class Recipe:
                     self.out / "bundle", how["bundle"], how["steps"], how["guidance"]
                 )
             report = emoji_eval.run_eval(generate, classifier, per_category, results_dir / name)
-            result = {**report, **how, "seconds": round(time.monotonic() - started, 1)}
-            path.write_text(json.dumps(result, indent=2) + "\n")
+            result = {**report, **how, **scorer, "seconds": round(time.monotonic() - started, 1)}
+            _write_json(path, result)
             results[name] = result
             self.log(
                 f"eval {name}: overall {100 * report['overall']:.1f} % {json.dumps(report['per_category'])}"
@@ -974,7 +1006,7 @@ class Recipe:
 
     def run(self, stages: Sequence[str] = STAGES) -> None:
         """Run the named stages in order (each skips itself when already complete)."""
-        (self.out / "recipe.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        _write_json(self.out / "recipe.json", self.cfg.to_dict())
         steps: dict[str, Callable[[], Any]] = {
             "dataset": self.stage_dataset,
             "autoencoder": self.stage_autoencoder,
@@ -1077,9 +1109,58 @@ def _last_event(events: Path, offset: int = 0) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
+def _write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON through a temporary file and a rename: a stop, a crash or a full
+    disk mid-write leaves the previous file, never an empty or half one that a resumed run reads."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path) -> Any:
+    """A recipe JSON file (config, clock, summary, eval row); RecipeError naming it when damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecipeError(
+            f"{path} is damaged ({exc})",
+            hint="delete it (a clock or eval row is made again; a stage config comes back from the recipe) "
+            "and run the same command again",
+        ) from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stale_row(saved: dict[str, Any], scorer: dict[str, Any]) -> str | None:
+    """What differs between how a saved EmojiEval row was scored and ``scorer`` (prompts per
+    category, classifier weights), None when it can be reused. Rows of older runs record neither:
+    their image count stands for the prompts, and their classifier is taken as the same."""
+    from training_tools.emoji_world.eval import CATEGORIES
+
+    per_category = saved.get("prompts_per_category")
+    if per_category is None and "num_images" in saved:
+        per_category = int(saved["num_images"]) // len(CATEGORIES)
+    if per_category is not None and per_category != scorer["prompts_per_category"]:
+        return f"{per_category} prompts per category, not {scorer['prompts_per_category']}"
+    sha = saved.get("classifier_sha256")
+    if sha is not None and sha != scorer["classifier_sha256"]:
+        return "another classifier"
+    return None
+
+
 def _clock(path: Path) -> float:
     """Seconds a stage has run so far (its clock file), 0 when it has not started."""
-    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
+    return float(_read_json(path)["seconds"]) if path.is_file() else 0.0
 
 
 def builtin_classifier() -> Path:
