@@ -32,6 +32,9 @@ MIN_STEPS = 1
 MAX_STEPS = 50
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 64
+#: Timestep shift and guidance beyond these give no useful image (and inf or NaN in the sampler).
+MIN_SHIFT, MAX_SHIFT = 0.01, 100.0
+MAX_GUIDANCE = 100.0
 GENERATE_STAGE = "generate"
 
 
@@ -85,10 +88,14 @@ class GenerationRequest:
             raise ConfigError("precision", f"{self.precision!r} is not allowed", allowed=list(PRECISIONS))
         if self.device not in DEVICES:
             raise ConfigError("device", f"{self.device!r} is not allowed", allowed=list(DEVICES))
-        if self.shift is not None and not self.shift > 0:
-            raise ConfigError("shift", f"{self.shift} must be positive")
-        if self.guidance_scale is not None and not self.guidance_scale >= 0:
-            raise ConfigError("guidance_scale", f"{self.guidance_scale} must be >= 0")
+        if self.shift is not None and not MIN_SHIFT <= self.shift <= MAX_SHIFT:  # NaN and inf fail too
+            raise ConfigError(
+                "shift", f"{self.shift} is out of range", allowed=f"{MIN_SHIFT:g}-{MAX_SHIFT:g}"
+            )
+        if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise ConfigError(
+                "guidance_scale", f"{self.guidance_scale} is out of range", allowed=f"0-{MAX_GUIDANCE:g}"
+            )
         if self.threads is not None and not (1 <= self.threads <= 256):
             raise ConfigError("threads", f"{self.threads} is out of range", allowed="1-256")
         if self.output_paths and len(self.output_paths) != self.num_images:

@@ -228,11 +228,12 @@ def generate(
         return _generate(request, on_event, cancel)
 
 
-def _write_images(files: list[tuple[Path, bytes]]) -> None:
-    """Write the PNGs atomically; a full disk (or quota) becomes a SnapGenError saying so and what
-    to do, instead of a bare OS error (write_files_atomically already removed its temp files)."""
+def _write_images(files: list[tuple[Path, bytes]], *, keep_existing: bool = False) -> list[Path]:
+    """Write the PNGs atomically (returns their paths; see write_files_atomically's
+    ``keep_existing``); a full disk (or quota) becomes a SnapGenError saying so and what to do,
+    instead of a bare OS error (write_files_atomically already removed its temp files)."""
     try:
-        write_files_atomically(files)
+        return write_files_atomically(files, keep_existing=keep_existing)
     except SnapGenError as exc:
         cause = exc.__cause__
         if not (isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS):
@@ -336,7 +337,9 @@ def _generate(
         text = png_text_chunks(resolved, image)
         first_text = first_text or text
         files.append((path, encode_png(pixels, text)))
-    _write_images(files)
+    # Names the application chose never replace a file written meanwhile (a second generation with
+    # the same seed in the same second); names the user gave (-o) are written as asked.
+    paths = _write_images(files, keep_existing=not request.output_paths)
     timings = {"load": 0.0 if was_cached else loaded.load_seconds, **output.timings}
     timings["write"] = time.perf_counter() - write_start
     timings["total"] = time.perf_counter() - started

@@ -330,6 +330,9 @@ def test_bad_checkpoint_and_bad_flags(
     assert "holds no prompt" in capsys.readouterr().err
     assert cli_main([*out, "--calib-guidance", "0.5"]) == 2
     assert "--calib-guidance must be >= 1" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("not a folder")
+    assert cli_main(["export", str(checkpoint), "--out", str(tmp_path / "a-file")]) == 1
+    assert "a-file is a file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -339,6 +339,17 @@ def test_unet_without_pooled_input_and_manifest_without_block_channels(tmp_path:
 # -- bad inputs -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("shift", float("inf")), ("shift", float("nan")), ("shift", 0.0), ("shift", 1e-17), ("shift", 1e3),
+     ("guidance_scale", float("inf")), ("guidance_scale", 1e39), ("guidance_scale", -1.0)],
+)  # fmt: skip
+def test_shift_and_guidance_that_give_no_image_are_refused(field: str, value: float) -> None:
+    """Values the sampler would turn into inf/NaN pixels (reported as a model fault): bad usage."""
+    with pytest.raises(ConfigError, match=f"{field}: .* is out of range"):
+        GenerationRequest(prompt="a cat", **{field: value})
+
+
 @pytest.mark.parametrize("prompt", ["", "   \n"])
 def test_empty_prompt_is_refused(prompt: str) -> None:
     with pytest.raises(ConfigError, match="prompt: is empty"):

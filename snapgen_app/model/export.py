@@ -837,10 +837,9 @@ def export_bundle(
             f"unknown precision(s) {bad or options.precisions}; allowed: {list(PRECISION_ORDER)}"
         )
     precisions = [p for p in PRECISION_ORDER if p in options.precisions]
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ExportError(
-            f"{out_dir} already exists and is not empty", hint="choose another --out or remove it first"
-        )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        what = "is a file" if not out_dir.is_dir() else "already exists and is not empty"
+        raise ExportError(f"{out_dir} {what}", hint="choose another --out or remove it first")
     index, autoencoder_dir = _read_index(checkpoint)
     defaults = _bundle_defaults(index)
     log(f"hashing {checkpoint}")

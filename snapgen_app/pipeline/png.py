@@ -133,11 +133,14 @@ def encode_png(pixels: np.ndarray, text: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def write_files_atomically(files: Sequence[tuple[Path, bytes]]) -> None:
-    """Write every (path, data) to a temp file beside it, fsync, then rename them all into place.
+def write_files_atomically(files: Sequence[tuple[Path, bytes]], *, keep_existing: bool = False) -> list[Path]:
+    """Write every (path, data) to a temp file beside it, fsync, then rename them all into place;
+    returns the paths written.
 
     Nothing appears under a final name until every file has been written in full; on any error
-    the temp files are removed and the error names the path (SnapGenError).
+    the temp files are removed and the error names the path (SnapGenError). With ``keep_existing``
+    (names the application chose) a name that exists by then, e.g. written by another generation
+    running at the same time, is never replaced: the file takes the next free ``NAME-N.png``.
     """
     temps: list[tuple[str, Path]] = []
     mode = _file_mode()
@@ -153,8 +156,7 @@ def write_files_atomically(files: Sequence[tuple[Path, bytes]]) -> None:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-        for tmp, path in temps:
-            os.replace(tmp, path)
+        written = [_claim(tmp, path) if keep_existing else _replace(tmp, path) for tmp, path in temps]
     except BaseException as exc:  # also Ctrl-C: never leave temp files behind
         for tmp, _ in temps:
             with contextlib.suppress(OSError):
@@ -165,6 +167,34 @@ def write_files_atomically(files: Sequence[tuple[Path, bytes]]) -> None:
             f"cannot write {exc.filename or 'the image'}: {exc.strerror or exc}",
             hint="check that the folder exists, is writable and the disk has space",
         ) from exc
+    return written
+
+
+def _replace(tmp: str, path: Path) -> Path:
+    os.replace(tmp, path)
+    return path
+
+
+def _claim(tmp: str, path: Path) -> Path:
+    """Give ``tmp`` the name ``path``, or ``path``'s next free ``-N`` variant, never replacing a file:
+    a hard link fails when the name exists (one system call, so no other process can slip between)."""
+    candidate, counter = path, 1
+    while True:
+        try:
+            os.link(tmp, candidate)
+        except FileExistsError:
+            candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+            counter += 1
+            continue
+        except OSError:  # a file system without hard links: check, then rename (a small window)
+            if candidate.exists():
+                candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+                counter += 1
+                continue
+            os.replace(tmp, candidate)
+            return candidate
+        os.unlink(tmp)
+        return candidate
 
 
 def _file_mode() -> int:

@@ -225,10 +225,15 @@ class TextToImagePipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Diffusion-space latents float32 [N, C, h, w] -> uint8 images [N, H, W, 3].
 
-        Raises BundleError when the decoder returns NaN/inf (e.g. an fp16 overflow)."""
-        image = self.decoder.run({DECODER_INPUT: latents.astype(np.float32, copy=False)}, (DECODER_OUTPUT,))[
-            DECODER_OUTPUT
+        Raises BundleError when the decoder returns NaN/inf (e.g. an fp16 overflow). Images are
+        decoded one at a time: the decoder's full-resolution activations are its largest tensors
+        (about 400 MB per 1024 px image), so a batch of 64 would need tens of GB at once."""
+        latents = latents.astype(np.float32, copy=False)
+        parts = [
+            self.decoder.run({DECODER_INPUT: latents[i : i + 1]}, (DECODER_OUTPUT,))[DECODER_OUTPUT]
+            for i in range(latents.shape[0])
         ]
+        image = np.concatenate(parts)
         if image.ndim != 4 or image.shape[1] != 3:
             raise BundleError(
                 f"{self.decoder.path.name}: output 'image' has shape {image.shape}, expected [N, 3, H, W]"
