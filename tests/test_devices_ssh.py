@@ -251,6 +251,8 @@ def test_cli_add_profile_and_generate_with_device(
     )
     assert code == 0
     assert "saved ssh:" in capsys.readouterr().out
+    assert cli_main(["devices", "forget", "ssh:nobody@192.0.2.1", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out) == {"target": "ssh:nobody@192.0.2.1", "forgotten": False}
     # --adb pointing nowhere: listing skips adb instead of starting a real adb server here
     assert cli_main(["devices", "list", "--json", "--adb", "adb-not-installed-here"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -295,6 +297,16 @@ def test_cli_add_profile_and_generate_with_device(
     assert "device_timings" in read_png_text(out)
     assert cli_main(["devices", "profile", str(bundle), "--target", sshd.target, "--ep", "qnn"]) == 1
     assert "QNNExecutionProvider" in capsys.readouterr().err
+    # a size the model cannot run is refused before anything is pushed (bad usage: 2); a profile
+    # that did not finish (here: its timeout) prints what it measured and exits 1 with the cause
+    profile = ["devices", "profile", str(bundle), "--target", sshd.target, "--no-save"]
+    assert cli_main([*profile, "--width", "40"]) == 2
+    assert "40x32 is not a multiple of" in capsys.readouterr().err
+    assert cli_main([*profile, "--steps", "-4"]) == 2
+    capsys.readouterr()
+    assert cli_main([*profile, "--runs", "100000", "--timeout", "3", "--op-profile-runs", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "PARTIAL RESULT" in captured.out and "the profile is incomplete" in captured.err
 
 
 def test_timeout_keeps_partial_results(sshd: Sshd, bundle: Path) -> None:

@@ -52,10 +52,12 @@ def register(subparsers: Any) -> None:
     add = actions.add_parser("add", help="remember how to reach a target (key, Python, folder)")
     add.add_argument("target", help="adb:SERIAL or ssh:USER@HOST[:PORT]")
     _add_connect_flags(add)
+    add.add_argument("--json", action="store_true", help="print JSON")
     add.set_defaults(handler=run_add)
 
     forget = actions.add_parser("forget", help="drop a saved target")
     forget.add_argument("target")
+    forget.add_argument("--json", action="store_true", help="print JSON")
     forget.set_defaults(handler=run_forget)
 
     prof = actions.add_parser("profile", help="time a model's components on a device")
@@ -171,15 +173,21 @@ def run_add(args: argparse.Namespace) -> int:
     from snapgen_app.devices import service
 
     target = service.add_target(args.target, _connect(args))
-    print(f"saved {target}")
+    if args.json:
+        print(json.dumps({"saved": target}))
+    else:
+        print(f"saved {target}")
     return 0
 
 
 def run_forget(args: argparse.Namespace) -> int:
     from snapgen_app.devices import service
 
-    if not service.forget_target(args.target):
-        print(f"{args.target} was not saved", file=sys.stderr)
+    forgotten = service.forget_target(args.target)
+    if args.json:
+        print(json.dumps({"target": args.target, "forgotten": forgotten}))
+    if not forgotten:
+        print(f"snapgen: error: {args.target} was not saved", file=sys.stderr)
         return 1
     return 0
 
@@ -217,6 +225,10 @@ def run_profile(args: argparse.Namespace) -> int:
         print(format_report(result))
         if result.runtime.get("saved_to"):
             print(f"saved: {result.runtime['saved_to']}", file=sys.stderr)
+    if result.partial or result.errors:  # the measured part is printed (and saved); the run failed
+        cause = "; ".join(result.errors) or "some runs did not finish"
+        print(f"snapgen: error: the profile is incomplete: {cause}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,13 +39,14 @@ from model_store import bundle as store_bundle
 from model_store.errors import StoreError
 from model_store.paths import store_home
 from snapgen_app import __version__
-from snapgen_app.api import MAX_SEED, GenerationRequest, GenerationResult
+from snapgen_app.api import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_STEPS, GenerationRequest, GenerationResult
 from snapgen_app.devices import runner as runner_module
 from snapgen_app.devices.perf_test import build_command, command_line, parse_output
 from snapgen_app.devices.prepare import LocalFile, convert_to_ort, local_file, make_fixed_shape, sync_files
 from snapgen_app.devices.report import ComponentProfile, LatencyStats, OpStat, ProfileResult, save_profile
 from snapgen_app.devices.transport import DeviceInfo, TargetSpec, Transport, parse_target, quote
 from snapgen_app.errors import BundleError, ConfigError, DeviceError, UsageError
+from snapgen_app.pipeline.text_to_image import size_stride
 from snapgen_app.progress import CancelToken, Event, EventCallback, reporting_outcome
 from snapgen_app.progress import emit as _emit
 
@@ -348,6 +349,15 @@ class ProfileRequest:
             raise ConfigError("precision", repr(self.precision), allowed=["auto", *store_bundle.PRECISIONS])
         if self.thermal_seconds < 0 or self.timeout_s <= 0:
             raise ConfigError("thermal_seconds/timeout_s", "must be >= 0 / > 0")
+        # The same ranges as a generation (None: the model's default)
+        for name, low, high in (("steps", MIN_STEPS, MAX_STEPS), ("width", 8, 4096), ("height", 8, 4096)):
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(name, f"{value} is out of range", allowed=f"{low}-{high}")
+        if self.guidance_scale is not None and not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+            raise ConfigError(
+                "guidance_scale", f"{self.guidance_scale} is out of range", allowed=f"0-{MAX_GUIDANCE:g}"
+            )
         unknown = [c for c in self.components if c not in ("text_encoder", "unet", "decoder")]
         if unknown or not self.components:
             raise ConfigError(
@@ -368,12 +378,14 @@ class _Plan:
 def _plans(model: _Model, request: ProfileRequest) -> tuple[list[_Plan], dict[str, Any]]:
     manifest = model.manifest
     defaults = manifest.defaults
-    steps = request.steps or defaults.steps
-    width, height = request.width or defaults.width, request.height or defaults.height
+    steps = defaults.steps if request.steps is None else request.steps
+    width = defaults.width if request.width is None else request.width
+    height = defaults.height if request.height is None else request.height
     guidance = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
     factor, channels = manifest.model.vae_scale_factor, manifest.model.latent_channels
-    if width % factor or height % factor:
-        raise ConfigError("width/height", f"{width}x{height} is not a multiple of {factor}")
+    stride = size_stride(manifest)  # what the UNet can halve down to, checked before anything is pushed
+    if width % stride or height % stride:
+        raise ConfigError("width/height", f"{width}x{height} is not a multiple of {stride}")
     h, w = height // factor, width // factor
     cfg = guidance > 1.0
     batch = 2 if cfg else 1
@@ -931,7 +943,7 @@ def _generate_on_device(
         text["device_timings"] = json.dumps(device_timings, sort_keys=True, separators=(",", ":"))
         first_text = first_text or text
         files.append((path, encode_png(pixels[index], text)))
-    write_files_atomically(files)
+    paths = write_files_atomically(files, keep_existing=not request.output_paths)
     timings = {f"device_{k}": float(v) for k, v in answer.get("timings", {}).items()}
     timings.update(push=push_seconds, pull=pull_seconds, total=time.perf_counter() - started)
     _emit(
