@@ -333,7 +333,10 @@ def print_summary(report: Report) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = Report(folder=str((args.dist / APP_NAME).resolve()))
+    # PyInstaller runs from the repository root: relative folders are made absolute here, so the
+    # folder it builds is the folder checked afterwards.
+    args.dist, args.work = args.dist.resolve(), args.work.resolve()
+    report = Report(folder=str(args.dist / APP_NAME))
     try:
         build_and_test(args, report)
         report.ok = True

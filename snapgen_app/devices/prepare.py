@@ -79,6 +79,11 @@ def convert_to_ort(onnx_path: Path, sha256: str | None = None, timeout: float = 
     target = out_dir / f"{onnx_path.stem}.ort"
     if target.is_file():
         return target
+    if getattr(sys, "frozen", False):  # the packaged app: sys.executable is snapgen itself, not Python
+        raise DeviceError(
+            "--ort-format needs onnxruntime's converter, which runs in a Python environment",
+            hint="profile the .onnx files (leave out --ort-format), or run snapgen from a pip installation",
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as work:
         source = Path(work) / onnx_path.name  # the tool converts every .onnx in a folder; give it one
