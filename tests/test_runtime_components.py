@@ -151,6 +151,20 @@ def test_tokenizer_pads_to_max_length(encoder_files: Path) -> None:
     assert batch.truncated == (False, False)
 
 
+def test_tokenizer_keeps_the_padding_side_it_was_saved_with(encoder_files: Path, tmp_path: Path) -> None:
+    """A tokenizer saved padding on the left (Gemma's) pads on the left here too: the text encoder
+    reads its tokens where it was trained to."""
+    from tokenizers import Tokenizer
+
+    saved = Tokenizer.from_file(str(encoder_files / "tokenizer.json"))
+    saved.enable_padding(direction="left", pad_id=0, pad_token="[PAD]")
+    saved.save(str(tmp_path / "tokenizer.json"))
+    batch = PromptTokenizer.from_file(tmp_path / "tokenizer.json", MAX_LENGTH).encode(["a red apple"])
+    assert batch.attention_mask.tolist()[0] == [0, 0, 0, 0, 0, 1, 1, 1]
+    right = PromptTokenizer.from_file(encoder_files / "tokenizer.json", MAX_LENGTH).encode(["a red apple"])
+    assert batch.input_ids[0, 5:].tolist() == right.input_ids[0, :3].tolist()
+
+
 def test_tokenizer_truncates_long_prompts_with_a_warning(
     encoder_files: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -44,11 +44,17 @@ class PromptTokenizer:
         self.pad_to_max_length = pad_to_max_length
         self._tokenizer = tokenizer
         pad_id, pad_token = _pad_token(tokenizer)
-        tokenizer.enable_truncation(max_length=max_length)
+        # The directions the tokenizer was saved with (Gemma pads on the left): tokenizers' own
+        # defaults (right) would move the tokens away from where the text encoder expects them.
+        padding_side = (tokenizer.padding or {}).get("direction", "right")
+        truncation_side = (tokenizer.truncation or {}).get("direction", "right")
+        tokenizer.enable_truncation(max_length=max_length, direction=truncation_side)
         if pad_to_max_length:
-            tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
+            tokenizer.enable_padding(
+                length=max_length, pad_id=pad_id, pad_token=pad_token, direction=padding_side
+            )
         else:
-            tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+            tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, direction=padding_side)
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int, pad_to_max_length: bool = True) -> PromptTokenizer:
