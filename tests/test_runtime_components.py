@@ -236,3 +236,24 @@ def test_fp16_inputs_fixed_batch_and_fixed_shapes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(y, 2 * x)
     with pytest.raises(BundleError, match=r"fixed\.onnx: input 'x' was exported with fixed shape \[1, 4\]"):
         session.run({"x": np.zeros((1, 5), np.float32)})
+
+
+def test_a_model_with_external_weights_gets_no_saved_graph(tmp_path: Path) -> None:
+    """A saved optimized graph would carry the weights of NAME.onnx.data / NAME.onnx_data inline, and
+    a change of only that file would go unnoticed: such models are optimized at every load instead.
+    Another model beside it (text_encoder_1...) does not count as its weights."""
+    from snapgen_app.runtime import sessions
+
+    options = RuntimeOptions(optimized_cache=str(tmp_path / "cache"))
+    cpu = ["CPUExecutionProvider"]
+    unet = tmp_path / "unet.fp32.onnx"
+    unet.write_bytes(b"graph")
+    encoder = tmp_path / "text_encoder.int8.onnx"
+    encoder.write_bytes(b"graph")
+    (tmp_path / "text_encoder_1.int8.onnx").write_bytes(b"another encoder")
+    assert sessions._optimized_path(unet, cpu, options) is not None
+    assert sessions._optimized_path(encoder, cpu, options) is not None
+    for companion in ("unet.fp32.onnx.data", "unet.fp32.onnx_data"):
+        (tmp_path / companion).write_bytes(b"weights")
+        assert sessions._optimized_path(unet, cpu, options) is None
+        (tmp_path / companion).unlink()

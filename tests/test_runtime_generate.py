@@ -117,9 +117,15 @@ def test_the_graph_cache_keeps_the_recently_used_graphs_under_its_cap(
     stale = cache / "unet.int8-0123456789abcdef.onnx"
     stale.write_bytes(b"x" * 4096)
     os.utime(stale, (1_000_000, 1_000_000))  # long unused
+    left = cache / "unet.int8-0123456789abcdef.onnx.4242-1.partial"  # a process killed while saving
+    left.write_bytes(b"x" * 4096)
+    os.utime(left, (1_000_000, 1_000_000))
+    fresh = cache / "decoder.int8-0123456789abcdef.onnx.4243-1.partial"  # one saving right now
+    fresh.write_bytes(b"x" * 4096)
     service.clear_cache()
     service.generate(_request(bundle, tmp_path))
     assert stale.exists()  # under the cap: nothing pruned
+    assert not left.exists() and fresh.exists()  # an old half-saved graph is removed
     graphs = _optimized_graphs()
     monkeypatch.setattr(sessions, "OPTIMIZED_CACHE_BYTES", sum(g.stat().st_size for g in graphs) - 1)
     for graph in graphs:

@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
+from snapgen_app import __version__
 from snapgen_app.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -211,9 +213,17 @@ _CACHEABLE_LEVELS = ("extended", "all")
 OPTIMIZED_CACHE_BYTES = 2 * 1024**3  # the least recently used graphs go past this
 
 
+PARTIAL_MAX_AGE_S = 3600.0  # a .partial older than this was left by a process that did not finish
+
+
 def _prune(folder: Path, keep: Path) -> None:
-    """Delete the least recently used graphs of ``folder`` while it holds more than the cap."""
+    """Delete the least recently used graphs of ``folder`` while it holds more than the cap, and
+    graphs half-saved by processes that were stopped (Ctrl-C, killed) while saving."""
     try:
+        now = time.time()
+        for partial in folder.glob("*.partial"):
+            if now - partial.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                partial.unlink(missing_ok=True)
         graphs = sorted(folder.glob("*.onnx"), key=lambda g: g.stat().st_mtime, reverse=True)
         total = 0
         for graph in graphs:
@@ -227,14 +237,31 @@ def _prune(folder: Path, keep: Path) -> None:
 def _optimized_path(path: Path, providers: Sequence[str], options: RuntimeOptions) -> Path | None:
     if options.optimized_cache is None or tuple(providers) != ("CPUExecutionProvider",):
         return None
-    if options.graph_optimization not in _CACHEABLE_LEVELS or path.with_name(path.name + ".data").exists():
+    if options.graph_optimization not in _CACHEABLE_LEVELS or _has_companions(path):
         return None
     # The file by path, size and modification time (as SessionCache keys it; the bundle loader has
-    # checked its sha256 already), so a cache hit reads no model bytes twice.
+    # checked its sha256 already), so a cache hit reads no model bytes twice; onnxruntime by version
+    # and build, and this application's version (which decides the session options it sets).
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|{options!r}"
+    key = (
+        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|{_ort_build()}|"
+        f"{__version__}|{options!r}"
+    )
     digest = hashlib.sha256(f"{key}|{platform.machine()}|{_cpu_flags()}".encode())
     return Path(options.optimized_cache) / f"{path.stem}-{digest.hexdigest()[:32]}.onnx"
+
+
+def _has_companions(path: Path) -> bool:
+    """Whether ``path`` may keep weights in other files (``NAME.*`` or ``NAME_*``, the external data
+    names a bundle allows): a saved graph would carry those weights inline, and a later change of only
+    the companion file would go unnoticed by a key made of the .onnx file's size and time."""
+    return any(s != path and s.name.startswith(path.name) for s in path.parent.iterdir())
+
+
+@functools.cache
+def _ort_build() -> str:
+    get = getattr(ort, "get_build_info", None)
+    return str(get()) if callable(get) else ""
 
 
 @functools.cache
@@ -269,7 +296,7 @@ def _create_session(path: Path, providers: Sequence[str], options: RuntimeOption
     if optimized is not None:
         # Written whole under a temporary name, then renamed: a crash leaves a .partial file, never
         # half a graph; a cache folder that cannot be written only costs the saving.
-        partial = optimized.with_name(f"{optimized.name}.{os.getpid()}.partial")
+        partial = optimized.with_name(f"{optimized.name}.{os.getpid()}-{threading.get_ident()}.partial")
         try:
             optimized.parent.mkdir(parents=True, exist_ok=True)
             saving = options.to_session_options()
@@ -281,6 +308,10 @@ def _create_session(path: Path, providers: Sequence[str], options: RuntimeOption
             log.info("optimized graph of %s not kept: %s", path.name, _first_line(exc))
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
+        except BaseException:  # Ctrl-C while saving: no full-size .partial left behind
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            raise
     if session is None:
         try:
             session = ort.InferenceSession(
