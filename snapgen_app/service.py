@@ -35,7 +35,7 @@ from snapgen_app import __version__
 from snapgen_app.api import GENERATE_STAGE, MAX_SEED, GenerationRequest, GenerationResult, StepEvent
 from snapgen_app.errors import BundleError, Cancelled, ConfigError, ModelNotFoundError, SnapGenError
 from snapgen_app.pipeline.png import ImageProvenance, encode_png, png_text_chunks, write_files_atomically
-from snapgen_app.pipeline.text_to_image import TextToImagePipeline
+from snapgen_app.pipeline.text_to_image import TextToImagePipeline, size_stride
 from snapgen_app.progress import CancelToken, EtaEstimator, Event, EventCallback, reporting_outcome
 from snapgen_app.progress import emit as _emit
 from snapgen_app.runtime.providers import CPU, choose_providers
@@ -98,6 +98,16 @@ def resolve_model(model: str) -> tuple[Path, str]:
             hint=f"export it with `snapgen export {entry.path} --out DIR`",
         )
     return entry.path, entry.name
+
+
+def size_stride_of(model: str) -> int:
+    """Pixels that a width or height of ``model`` (a name, a bundle folder, or "" for the default)
+    must be a multiple of, read from its bundle.json without loading it (for size widgets)."""
+    root, _ = resolve_model(model)
+    try:
+        return size_stride(store_bundle.read_manifest(root))
+    except StoreError as exc:
+        raise _store_error(exc) from exc
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def test_cancel_button_and_queue_reorder_remove(qtbot: QtBot, ui_home: Path, tin
     page.queue_list.setCurrentRow(3)
     qtbot.mouseClick(page.remove_button, Qt.MouseButton.LeftButton)
     assert [j.job_id for j in controller.pending_jobs] == [ids[3], ids[1]]
-    assert page.cancel_button.isEnabled()
+    qtbot.waitUntil(page.cancel_button.isEnabled, timeout=10_000)  # once its start reached the page
     qtbot.mouseClick(page.cancel_button, Qt.MouseButton.LeftButton)
     release.set()
     assert wait_for_end(qtbot, messages, running).kind == "cancelled"
@@ -202,16 +202,49 @@ def test_generation_error_is_a_message(
 ) -> None:
     install_tiny(ui_home, tiny_bundle)
     window = make_window(qtbot, ui_home)
-    messages = collect_messages(window)
     _fill(window)
     page = window.generate_page
     if field == "width":
-        page.width_spin.setValue(int(value))  # not a multiple of the model's stride: the service refuses
-        job_id = page.submit()
-        end = wait_for_end(qtbot, messages, job_id)
-        assert end.kind == "error"
+        # not a multiple of the model's stride (the size boxes step by it): refused before queueing,
+        # not when the job's turn comes
+        assert page.width_spin.singleStep() == page._stride and 40 % page._stride
+        page.width_spin.setValue(int(value))
+        assert page.submit() is None and not window.controller.pending_jobs
+        assert f"is not a multiple of {page._stride}" in window.banner.text()
     else:
         page.seed_edit.setText(str(value))  # larger than the largest seed: refused before queueing
         assert page.submit() is None
     assert window.banner.level() == "error" and needle in window.banner.text()
     assert not list((ui_home / "outputs").glob("*.png")) if (ui_home / "outputs").exists() else True
+
+
+def test_a_second_cancel_press_does_not_reach_the_next_job(
+    qtbot: QtBot, ui_home: Path, tiny_bundle: Path
+) -> None:
+    """Cancel pressed twice for a job that takes a moment to stop: the second press must not
+    cancel the job queued after it. The button stays off until the next job has started."""
+    import threading
+
+    install_tiny(ui_home, tiny_bundle)
+    window = make_window(qtbot, ui_home)
+    page, controller = window.generate_page, window.controller
+    messages = collect_messages(window)
+    release = threading.Event()
+
+    def hold(message: TaskMessage) -> None:  # the first job is slow to stop: held in its first step
+        if message.kind == "event" and message.event.kind == "progress" and message.task_id == first:
+            release.wait(10)
+
+    controller.worker_signals.message.connect(hold, Qt.ConnectionType.DirectConnection)
+    _fill(window, steps=3)
+    first = page.submit()
+    _fill(window, steps=2, seed=8)
+    second = page.submit()
+    assert first is not None and second is not None
+    qtbot.waitUntil(lambda: page._started == first and page.cancel_button.isEnabled(), timeout=30_000)
+    page.cancel()
+    assert not page.cancel_button.isEnabled()
+    page.cancel()  # the impatient second press, while the first job is still stopping
+    release.set()
+    assert wait_for_end(qtbot, messages, first).kind == "cancelled"
+    assert wait_for_end(qtbot, messages, second).kind == "finished"

@@ -211,6 +211,14 @@ class Controller(QObject):
         self._tokens[self._current.job_id].cancel()
         return True
 
+    def cancel_job(self, job_id: int) -> bool:
+        """Ask generation ``job_id`` to stop if it is the one running; False when it already ended
+        (so a late second press never reaches the job that started after it)."""
+        if self._current is None or self._current.job_id != job_id:
+            return False
+        self._tokens[job_id].cancel()
+        return True
+
     def _start_next(self) -> None:
         if self._current is not None or not self._pending:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Sequence
 
@@ -25,7 +26,16 @@ from PySide6.QtWidgets import (
 )
 
 from model_store.registry import RegisteredModel
-from snapgen_app.api import MAX_IMAGES, MAX_STEPS, GenerationRequest, GenerationResult, StepEvent
+from snapgen_app import service
+from snapgen_app.api import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SHIFT,
+    MAX_STEPS,
+    GenerationRequest,
+    GenerationResult,
+    StepEvent,
+)
 from snapgen_app.errors import SnapGenError
 from ui.app_settings import AppSettings
 from ui.controller import GENERATE_TASK, Controller, TaskMessage
@@ -35,6 +45,7 @@ from ui.widgets.prompt_edit import PromptEdit
 
 Notify = Callable[[str, str], None]  # (text, level)
 DEFAULT = "model default"
+DEFAULT_STRIDE = 32  # the SnapGen presets' size stride, until a model says otherwise
 SEED_RANDOM, SEED_FIXED = "Random", "Fixed"
 PREVIEW_SIZE = 384
 
@@ -81,8 +92,11 @@ class GeneratePage(QWidget):
         self.precision_combo.addItem("auto", "auto")
 
         self.steps_spin = _optional_spin(0, MAX_STEPS, 1)
-        self.width_spin = _optional_spin(0, 4096, 16)
-        self.height_spin = _optional_spin(0, 4096, 16)
+        self._stride = DEFAULT_STRIDE
+        self._started: int | None = None  # the job whose start this page has seen
+        self._cancelling: int | None = None  # the job Cancel was pressed for
+        self.width_spin = _optional_spin(0, 4096, DEFAULT_STRIDE)
+        self.height_spin = _optional_spin(0, 4096, DEFAULT_STRIDE)
         size_row = QHBoxLayout()
         size_row.addWidget(self.width_spin)
         size_row.addWidget(QLabel("×"))
@@ -104,12 +118,15 @@ class GeneratePage(QWidget):
 
         self.count_spin = QSpinBox()
         self.count_spin.setRange(1, MAX_IMAGES)
+        # The ranges of a GenerationRequest (so settings reused from any PNG fit), 3 decimals.
         self.shift_spin = QDoubleSpinBox()
-        self.shift_spin.setRange(0.0, 20.0)
+        self.shift_spin.setDecimals(3)
+        self.shift_spin.setRange(0.0, MAX_SHIFT)
         self.shift_spin.setSingleStep(0.5)
         self.shift_spin.setSpecialValueText(DEFAULT)
         self.guidance_spin = QDoubleSpinBox()
-        self.guidance_spin.setRange(-0.5, 30.0)
+        self.guidance_spin.setDecimals(3)
+        self.guidance_spin.setRange(-0.5, MAX_GUIDANCE)
         self.guidance_spin.setSingleStep(0.5)
         self.guidance_spin.setSpecialValueText(DEFAULT)
         self.guidance_spin.setValue(-0.5)
@@ -203,6 +220,13 @@ class GeneratePage(QWidget):
         for variant in model.variants if model else ():
             self.precision_combo.addItem(variant, variant)
         self._select(self.precision_combo, keep or "auto")
+        # Sizes step by what the model's UNet can halve down to (32 px for the SnapGen presets).
+        self._stride = DEFAULT_STRIDE
+        if model is not None:
+            with contextlib.suppress(SnapGenError):  # a damaged bundle says so when it is used
+                self._stride = service.size_stride_of(model.name)
+        for spin in (self.width_spin, self.height_spin):
+            spin.setSingleStep(self._stride)
 
     # -- request <-> fields ----------------------------------------------------------------------------
 
@@ -222,6 +246,12 @@ class GeneratePage(QWidget):
             if not text:
                 raise SnapGenError("the seed is empty", hint="type a number, or choose Random")
             seed = int(text)
+        for name, spin in (("width", self.width_spin), ("height", self.height_spin)):
+            if spin.value() % self._stride:  # said now, not when the job's turn comes
+                raise SnapGenError(
+                    f"the {name} {spin.value()} is not a multiple of {self._stride}",
+                    hint=f"this model takes sizes in steps of {self._stride} px",
+                )
         output = self.settings.output_dir()
         return GenerationRequest(
             prompt=prompt,
@@ -309,7 +339,15 @@ class GeneratePage(QWidget):
 
     @Slot()
     def cancel(self) -> None:
-        if self.controller.cancel_current():
+        current = self.controller.current_job
+        # Only a job whose start this page has shown, once (the button, Esc and the menu all come
+        # here): a press while the cancelled job stops, or in the instant the next one takes its
+        # place, was meant for the old job and must not cancel the new one.
+        if current is None or current.job_id != self._started or current.job_id == self._cancelling:
+            return
+        if self.controller.cancel_job(current.job_id):
+            self._cancelling = current.job_id
+            self.cancel_button.setEnabled(False)  # until the next job reports that it started
             self.status_label.setText("Cancelling…")
 
     def _selected_job(self) -> int | None:
@@ -353,7 +391,10 @@ class GeneratePage(QWidget):
         self._set_running(current is not None)
 
     def _set_running(self, running: bool) -> None:
-        self.cancel_button.setEnabled(running)
+        current = self.controller.current_job
+        # A job is cancellable once its own start has reached this page (not while the one just
+        # cancelled is still being taken down, nor in the instant the next one is queued to run).
+        self.cancel_button.setEnabled(running and current is not None and current.job_id == self._started)
 
     # -- progress ------------------------------------------------------------------------------------
 
@@ -362,6 +403,8 @@ class GeneratePage(QWidget):
         if message.task != GENERATE_TASK:
             return
         if message.kind == "started":
+            self._started = message.task_id
+            self._set_running(True)
             self.last_step = 0
             self.progress_bar.setValue(0)
             self.progress_bar.setFormat("step %v / %m")
