@@ -85,6 +85,7 @@ def test_import_folder_and_zip_then_remove(
     assert wait_for_end(qtbot, messages, task).kind == "finished"
     assert registry_for(ui_home).names() == [] and page.table.rowCount() == 0
     assert window.generate_page.model_combo.currentData() == ""
+    assert f"model {TINY_MODEL!r} is no longer installed" in window.banner.text(), window.banner.text()
 
 
 def test_download_errors_are_messages(qtbot: QtBot, ui_home: Path, monkeypatch) -> None:

@@ -209,7 +209,9 @@ class GeneratePage(QWidget):
         if not self.models:
             self.model_combo.addItem("no model installed (see Models)", "")
         self.model_combo.blockSignals(False)
-        self._select(self.model_combo, current or "")
+        if not self._select(self.model_combo, current or "") and current:
+            now = self.model_combo.currentData() or "none"
+            self.notify(f"model {current!r} is no longer installed; Generate now uses {now!r}", "warning")
         self._on_model_changed()
 
     def _on_model_changed(self) -> None:
