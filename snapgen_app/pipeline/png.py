@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import tempfile
@@ -178,23 +179,20 @@ def _replace(tmp: str, path: Path) -> Path:
 def _claim(tmp: str, path: Path) -> Path:
     """Give ``tmp`` the name ``path``, or ``path``'s next free ``-N`` variant, never replacing a file:
     a hard link fails when the name exists (one system call, so no other process can slip between)."""
-    candidate, counter = path, 1
-    while True:
+    for counter in itertools.count():
+        candidate = path if counter == 0 else path.with_name(f"{path.stem}-{counter}{path.suffix}")
         try:
             os.link(tmp, candidate)
         except FileExistsError:
-            candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
-            counter += 1
             continue
         except OSError:  # a file system without hard links: check, then rename (a small window)
             if candidate.exists():
-                candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
-                counter += 1
                 continue
             os.replace(tmp, candidate)
             return candidate
         os.unlink(tmp)
         return candidate
+    raise AssertionError("unreachable")
 
 
 def _file_mode() -> int:
