@@ -329,8 +329,9 @@ class TextToImagePipeline:
         cond, uncond = self.encode_prompt(prompt, with_unconditional=use_cfg)
         output.timings["text_encoder"] = time.perf_counter() - start
         if cond.truncated[0]:
-            limits = sorted({t.max_length for t, _ in self.text.parts})
-            output.warnings.append(f"the prompt was longer than {limits[-1]} tokens and was truncated")
+            # The encoder with the smallest limit is the first (or only) one to cut the prompt.
+            limit = min(t.max_length for t, _ in self.text.parts)
+            output.warnings.append(f"the prompt was longer than {limit} tokens and was truncated")
         _raise_if_cancelled(cancel)
 
         factor = self.manifest.model.vae_scale_factor
