@@ -23,18 +23,21 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _fail_in(folder: Path, code: int, monkeypatch: pytest.MonkeyPatch, call: str) -> list[str]:
-    """Make ``os.<call>`` (fsync: the data is flushed; replace: the name is created) fail with
-    ``code`` for files under ``folder``; returns the paths it refused."""
-    real, refused = getattr(os, call), []
+    """Make ``os.<call>`` (fsync: the data is flushed; replace: the name is created, by os.replace
+    or, for names the application chose, os.link) fail with ``code`` for files under ``folder``;
+    returns the paths it refused."""
+    refused: list[str] = []
+    for name in ("replace", "link") if call == "replace" else (call,):
+        real = getattr(os, name)
 
-    def failing(*args: object) -> object:
-        target = os.readlink(f"/proc/self/fd/{args[0]}") if call == "fsync" else str(args[1])
-        if target.startswith(str(folder)):
-            refused.append(target)
-            raise OSError(code, os.strerror(code))
-        return real(*args)
+        def failing(*args: object, real: object = real) -> object:
+            target = os.readlink(f"/proc/self/fd/{args[0]}") if call == "fsync" else str(args[1])
+            if target.startswith(str(folder)):
+                refused.append(target)
+                raise OSError(code, os.strerror(code))
+            return real(*args)  # type: ignore[operator]
 
-    monkeypatch.setattr(os, call, failing)
+        monkeypatch.setattr(os, name, failing)
     return refused
 
 
