@@ -908,7 +908,14 @@ def _launch(handle: RunHandle, python: str | None, *, resume: bool) -> RunHandle
     _CHILDREN[child.pid] = child
     handle.pid = child.pid
     process = {"pid": child.pid, "command": command, "started": time.time(), "resume": resume}
-    (handle.run_dir / "process.json").write_text(json.dumps(process), encoding="utf-8")
+    try:
+        (handle.run_dir / "process.json").write_text(json.dumps(process), encoding="utf-8")
+    except OSError:  # a full disk: no trainer may run on that its caller reports as not started
+        with contextlib.suppress(OSError):
+            os.killpg(child.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=30)
+        raise
     return handle
 
 

@@ -28,7 +28,9 @@ def rgb_image(image: Image.Image) -> Image.Image:
     """``image`` upright (EXIF orientation applied), transparency flattened onto white, 16-bit
     samples (Pillow's modes I;16 and I) scaled to 8 bits, in mode RGB."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode.startswith("I;16") and image.mode != "I;16":
+        image = image.convert("I")  # big-endian TIFF scans (I;16B): point() takes I, I;16 and F only
+    if image.mode in ("I;16", "I"):
         # 16-bit samples (PNG stores them big-endian; Pillow opens grey ones as I;16 or I).
         image = image.point(lambda v: v / 256).convert("L")
     if image.mode == "P" and "transparency" in image.info:
@@ -48,8 +50,12 @@ def checked_size(path: str | Path) -> tuple[int, int]:
         image.verify()  # must come first after opening, and leaves the image unusable
     with Image.open(path) as image:
         width, height = image.size
-        try:
-            orientation = image.getexif().get(_ORIENTATION_TAG)
-        except Exception:  # a damaged EXIF block: Pillow shows the pixels as stored
-            orientation = None
+        orientation = None
+        # A PNG's EXIF chunk may follow its pixels, and Pillow decodes the whole image to find it:
+        # only one whose header already holds EXIF is read (phone photos are JPEG/HEIF/WebP).
+        if image.format != "PNG" or "exif" in image.info:
+            try:
+                orientation = image.getexif().get(_ORIENTATION_TAG)
+            except Exception:  # a damaged EXIF block: Pillow shows the pixels as stored
+                orientation = None
     return (height, width) if orientation in _TRANSPOSED else (width, height)

@@ -295,6 +295,8 @@ def _generate(
                 cpu_precision,
                 precision,
             )
+            with _CACHE_LOCK:  # the GPU variant running on the CPU is not kept in memory
+                _PIPELINES.pop((str(root), precision, tuple(providers), options), None)
             precision, providers = cpu_precision, [CPU]
             resolved = resolved.replace(precision=precision)
             loaded, was_cached = load_pipeline(root, precision, providers, options, cancel)

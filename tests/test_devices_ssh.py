@@ -363,6 +363,12 @@ def test_a_timed_out_or_cancelled_command_is_stopped_on_the_device(sshd: Sshd) -
         assert not still_running(f"4{marker}")
         result = transport.run("echo out; echo err >&2", timeout=10)
         assert (result.stdout, result.stderr) == ("out\n", "err\n")  # the process id line is not output
+        from snapgen_app.devices.ssh import _split_pid  # a login shell may print before the marker
+
+        assert _split_pid(b"Welcome to the board\n@@snapgen-pid 4242\noops\n") == (
+            4242,
+            "Welcome to the board\noops\n",
+        )
     finally:
         transport.close()
 

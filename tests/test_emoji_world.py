@@ -7,6 +7,7 @@ without them. The classifier used here is tiny and trained in the test for a few
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,6 +273,27 @@ def tiny_classifier(classes: list, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("cls")
     save_classifier(out, model, classes, metrics)
     return str(out)
+
+
+def test_a_classifier_is_saved_into_place_and_never_over_other_files(
+    classes: list, tiny_classifier: str, tmp_path: Path
+) -> None:
+    """Saved again over itself (a retrained classifier) it is replaced; a folder that holds anything
+    else is refused, not deleted."""
+    from snapgen_app.errors import ConfigError
+
+    model, loaded = load_classifier(tiny_classifier)
+    again = tmp_path / "again"
+    save_classifier(again, model, loaded, {"heldout_accuracy": 1.0})
+    save_classifier(again, model, loaded, {"heldout_accuracy": 0.5})
+    assert json.loads((again / "metrics.json").read_text()) == {"heldout_accuracy": 0.5}
+    assert not list(tmp_path.glob(".*partial"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds other files"):
+        save_classifier(work, model, loaded, {})
+    assert (work / "notes.txt").read_text() == "mine"
 
 
 def test_eval_scores_real_renders_high_and_blank_or_noise_low(classes: list, tiny_classifier: str) -> None:

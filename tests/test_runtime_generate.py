@@ -322,6 +322,7 @@ def test_precision_auto_follows_a_gpu_provider_that_falls_back_to_the_cpu(
     with caplog.at_level("WARNING", logger="snapgen_app.service"):
         result = service.generate(_request(bundle, tmp_path / "a"))
     assert (result.precision, result.provider) == ("int8", CPU)
+    assert not any(key[2][0] == "CUDAExecutionProvider" for key in service._PIPELINES), "not kept loaded"
     assert (
         "CUDAExecutionProvider fell back to the CPU: running the int8 variant instead of fp32" in caplog.text
     )

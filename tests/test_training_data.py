@@ -141,6 +141,10 @@ def test_pictures_load_as_a_viewer_shows_them(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "scan.png").mode.startswith("I")
     loaded = data.load_image(str(tmp_path / "scan.png"), (16, 16))
     assert loaded.mean().item() == pytest.approx(117 / 127.5 - 1.0, abs=0.01)  # 30000 // 256 = 117
+    from snapgen_app.images import rgb_image
+
+    big_endian = Image.frombytes("I;16B", (16, 16), np.full((16, 16), 30000, dtype=">u2").tobytes())
+    assert np.asarray(rgb_image(big_endian)).mean() == pytest.approx(117, abs=1)  # a TIFF scan's mode
 
 
 def test_aspect_buckets_group_batches_by_shape(tmp_path: Path) -> None:

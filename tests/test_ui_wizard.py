@@ -282,6 +282,9 @@ def test_a_new_run_drops_the_last_runs_comparison_and_its_late_results(qtbot: Qt
         return "the last run's comparison"
 
     page.compare_step._task = page.run("compare", body, delivered.append)
+    step = page.settings_step  # an estimate was running too: its button must come back
+    step.estimate_button.setEnabled(False)
+    step._task = page.run("estimate", body, delivered.append)
     page.new_run()
     release.set()
     qtbot.waitUntil(lambda: not page.controller.running_tasks(), timeout=10_000)
@@ -289,3 +292,4 @@ def test_a_new_run_drops_the_last_runs_comparison_and_its_late_results(qtbot: Qt
     assert delivered == []
     assert page.compare_step.grid.count() == 0 and page.compare_step._task is None
     assert page.state.comparison == [] and not page.compare_step.done
+    assert step.estimate_button.isEnabled() and step._task is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import time
 from pathlib import Path
@@ -39,13 +40,17 @@ _PID_MARK = "@@snapgen-pid "
 STOP_TIMEOUT_S = 5.0
 
 
+_PID_LINE = re.compile(rf"^{re.escape(_PID_MARK)}(\d+)\n", re.MULTILINE)
+
+
 def _split_pid(err: bytes | bytearray) -> tuple[int | None, str]:
-    """(the remote shell's process id from the first stderr line, the rest of stderr)."""
+    """(the remote shell's process id from its marker line, stderr without that line); the line
+    need not be the first (a login shell's start-up files may print before it)."""
     text = bytes(err).decode("utf-8", "replace")
-    first, _, rest = text.partition("\n")
-    if first.startswith(_PID_MARK) and first[len(_PID_MARK) :].strip().isdigit():
-        return int(first[len(_PID_MARK) :]), rest
-    return None, text
+    found = _PID_LINE.search(text)
+    if found is None:
+        return None, text
+    return int(found.group(1)), text[: found.start()] + text[found.end() :]
 
 
 class SshTransport(Transport):

@@ -342,8 +342,14 @@ def save_classifier(
 ) -> None:
     """Write model.safetensors (float32), config.json, classes.json and metrics.json as the folder
     ``directory``: into a temporary sibling first, renamed into place when complete (a stop or a
-    full disk mid-save leaves no folder that looks finished)."""
-    out = Path(directory)
+    full disk mid-save leaves no folder that looks finished). A folder that holds anything else is
+    refused, never replaced."""
+    out = Path(directory).resolve()
+    ours = {WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE, METRICS_FILE}
+    if out.exists() and (not out.is_dir() or any(p.name not in ours for p in out.iterdir())):
+        raise ConfigError(
+            str(out), "holds other files than a classifier's", hint="choose an empty or new folder for --out"
+        )
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -422,6 +422,13 @@ class SettingsStep(QWizardPage):
         self._task = self.owner.run("estimate", body, self._on_estimate)
         return self._task
 
+    def reset(self) -> None:
+        """Ready for a new run: an estimate still running for the last one was cancelled by the
+        wizard, and its result is dropped, so the button and label are set here."""
+        self._task = None
+        self.estimate_button.setEnabled(True)
+        self.estimate_label.setText("")
+
     def _on_estimate(self, message: TaskMessage) -> None:
         self.estimate_button.setEnabled(True)
         state = self.owner.state
@@ -1006,6 +1013,7 @@ class WizardPage(QWidget):
             self.controller.cancel(task_id)
         self._callbacks.clear()
         self.state = WizardState()
+        self.settings_step.reset()
         self.compare_step.reset()
         self.register_step._task = None
         self.wizard.setStartId(FOLDER)
