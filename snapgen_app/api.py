@@ -32,6 +32,7 @@ MIN_STEPS = 1
 MAX_STEPS = 50
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 64
+MIN_SIZE, MAX_SIZE = 8, 4096  # pixels, width and height
 #: Timestep shift and guidance beyond these give no useful image (and inf or NaN in the sampler).
 MIN_SHIFT, MAX_SHIFT = 0.01, 100.0
 MAX_GUIDANCE = 100.0
@@ -80,8 +81,8 @@ class GenerationRequest:
             raise ConfigError("seed", f"{self.seed} is out of range", allowed=f"0-{MAX_SEED}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value is not None and not (8 <= value <= 4096):
-                raise ConfigError(name, f"{value} is out of range", allowed="8-4096 pixels")
+            if value is not None and not (MIN_SIZE <= value <= MAX_SIZE):
+                raise ConfigError(name, f"{value} is out of range", allowed=f"{MIN_SIZE}-{MAX_SIZE} pixels")
         if not (1 <= self.num_images <= MAX_IMAGES):
             raise ConfigError("num_images", f"{self.num_images} is out of range", allowed=f"1-{MAX_IMAGES}")
         if self.precision not in PRECISIONS:

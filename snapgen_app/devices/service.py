@@ -39,7 +39,16 @@ from model_store import bundle as store_bundle
 from model_store.errors import StoreError
 from model_store.paths import store_home
 from snapgen_app import __version__
-from snapgen_app.api import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, MIN_STEPS, GenerationRequest, GenerationResult
+from snapgen_app.api import (
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    MIN_STEPS,
+    GenerationRequest,
+    GenerationResult,
+)
 from snapgen_app.devices import runner as runner_module
 from snapgen_app.devices.perf_test import build_command, command_line, parse_output
 from snapgen_app.devices.prepare import LocalFile, convert_to_ort, local_file, make_fixed_shape, sync_files
@@ -350,7 +359,11 @@ class ProfileRequest:
         if self.thermal_seconds < 0 or self.timeout_s <= 0:
             raise ConfigError("thermal_seconds/timeout_s", "must be >= 0 / > 0")
         # The same ranges as a generation (None: the model's default)
-        for name, low, high in (("steps", MIN_STEPS, MAX_STEPS), ("width", 8, 4096), ("height", 8, 4096)):
+        for name, low, high in (
+            ("steps", MIN_STEPS, MAX_STEPS),
+            ("width", MIN_SIZE, MAX_SIZE),
+            ("height", MIN_SIZE, MAX_SIZE),
+        ):
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
                 raise ConfigError(name, f"{value} is out of range", allowed=f"{low}-{high}")

@@ -31,6 +31,7 @@ from snapgen_app.api import (
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_SHIFT,
+    MAX_SIZE,
     MAX_STEPS,
     GenerationRequest,
     GenerationResult,
@@ -95,8 +96,8 @@ class GeneratePage(QWidget):
         self._stride = DEFAULT_STRIDE
         self._started: int | None = None  # the job whose start this page has seen
         self._cancelling: int | None = None  # the job Cancel was pressed for
-        self.width_spin = _optional_spin(0, 4096, DEFAULT_STRIDE)
-        self.height_spin = _optional_spin(0, 4096, DEFAULT_STRIDE)
+        self.width_spin = _optional_spin(0, MAX_SIZE, DEFAULT_STRIDE)
+        self.height_spin = _optional_spin(0, MAX_SIZE, DEFAULT_STRIDE)
         size_row = QHBoxLayout()
         size_row.addWidget(self.width_spin)
         size_row.addWidget(QLabel("×"))
